@@ -1,0 +1,798 @@
+// roboflowuploadsink: a BaseSink that uploads whatever bytes it receives
+// (a muxed video) to the server, then waits for every frame's result.
+//
+// Streamed mode: upstream reports its size in bytes (filesrc does), so the
+// chunk count is known up front and chunks leave as buffers arrive.
+// Spooled mode: otherwise the bytes go to a temporary file, honouring BYTES
+// segments (muxers seek back to rewrite headers), and leave at EOS.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::prelude::*;
+
+use crate::config::{
+    self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
+};
+use crate::protocol::messages::redact_images;
+use crate::protocol::upload::UploadFramer;
+use crate::runtime::{self, Canceller, WaitError};
+use crate::session::{self, FrameEvent, Session, SessionEvent, Upload, registry};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "roboflowuploadsink",
+        gst::DebugColorFlags::empty(),
+        Some("Roboflow upload sink"),
+    )
+});
+
+pub const PROGRESS_MESSAGE: &str = "roboflow-upload-progress";
+pub const INFERENCE_MESSAGE: &str = "roboflow-inference";
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Extra time granted to the connect wait beyond connect-timeout: the
+/// session enforces the real limit and explains which step was late.
+const CONNECT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why an operation of the streaming thread stopped.
+enum Stop {
+    /// unlock() or a state change: not an error.
+    Flushing,
+    Error(gst::ErrorMessage),
+}
+
+impl From<gst::ErrorMessage> for Stop {
+    fn from(message: gst::ErrorMessage) -> Self {
+        Stop::Error(message)
+    }
+}
+
+fn failure(message: impl AsRef<str>) -> Stop {
+    Stop::Error(gst::error_msg!(gst::ResourceError::Failed, ["{}", message.as_ref()]))
+}
+
+struct Spool {
+    file: std::fs::File,
+    /// Deleted when dropped, on every path.
+    path: tempfile::TempPath,
+    position: u64,
+    size: u64,
+}
+
+struct Streamed {
+    framer: UploadFramer,
+    upload: Upload,
+}
+
+enum Mode {
+    Undecided,
+    Streamed(Box<Streamed>),
+    Spooled(Spool),
+}
+
+#[derive(Default)]
+struct Progress {
+    started: Option<Instant>,
+    last_post: Option<Instant>,
+    last_percent: u64,
+}
+
+enum State {
+    Stopped,
+    Started {
+        session: Arc<Session>,
+        config: SessionConfig,
+        mode: Mode,
+        /// A BYTES segment that does not start at 0 arrived before any data:
+        /// upstream will seek, so the bytes must be spooled.
+        seeking_upstream: bool,
+        progress: Progress,
+    },
+}
+
+pub struct UploadSink {
+    settings: Mutex<UploadSettings>,
+    state: Mutex<State>,
+    /// Kept apart from `state` so that `stats` never waits for the streaming thread.
+    session: Mutex<Option<Arc<Session>>>,
+    canceller: Mutex<Canceller>,
+}
+
+impl Default for UploadSink {
+    fn default() -> Self {
+        Self {
+            settings: Mutex::new(UploadSettings::default()),
+            state: Mutex::new(State::Stopped),
+            session: Mutex::new(None),
+            canceller: Mutex::new(Canceller::default()),
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for UploadSink {
+    const NAME: &'static str = "GstRoboflowUploadSink";
+    type Type = super::UploadSink;
+    type ParentType = gst_base::BaseSink;
+}
+
+fn string_property(name: &str, nick: &str, blurb: &str, default: Option<&str>) -> glib::ParamSpec {
+    glib::ParamSpecString::builder(name)
+        .nick(nick)
+        .blurb(blurb)
+        .default_value(default)
+        .mutable_ready()
+        .build()
+}
+
+fn ms_property(name: &str, nick: &str, blurb: &str, min: u32, default: u32) -> glib::ParamSpec {
+    glib::ParamSpecUInt::builder(name)
+        .nick(nick)
+        .blurb(blurb)
+        .minimum(min)
+        .default_value(default)
+        .mutable_ready()
+        .build()
+}
+
+impl ObjectImpl for UploadSink {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                string_property("api-url", "API URL", "Base URL of the Roboflow Inference Server (POST {api-url}/initialise_webrtc_worker)", Some(config::DEFAULT_API_URL)),
+                glib::ParamSpecString::builder("api-key")
+                    .nick("API key")
+                    .blurb("Roboflow API key (write-only, never logged). Default: the ROBOFLOW_API_KEY environment variable")
+                    .write_only()
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("api-key-transport", ApiKeyTransport::Body)
+                    .nick("API key transport")
+                    .blurb("Where the API key travels: in the JSON body, an Authorization: Bearer header, or both")
+                    .mutable_ready()
+                    .build(),
+                string_property("workspace", "Workspace", "Roboflow workspace of workflow-id", None),
+                string_property("workflow-id", "Workflow id", "Id of a Workflow saved in the workspace (needs workspace)", None),
+                string_property("workflow-version-id", "Workflow version id", "Optional version of workflow-id", None),
+                string_property("workflow-spec", "Workflow specification", "Inline Workflow specification (JSON object)", None),
+                string_property("workflow-spec-file", "Workflow specification file", "Path to a JSON file holding the Workflow specification", None),
+                string_property("model-id", "Model id", "Run a single model (e.g. rfdetr-nano): builds a one-block Workflow with outputs 'predictions' and 'image'", None),
+                string_property("task-type", "Task type", "Task type of model-id: object-detection, instance-segmentation, classification, multi-label-classification, keypoint-detection, semantic-segmentation", Some(config::DEFAULT_TASK_TYPE)),
+                string_property("image-input-name", "Image input name", "Name of the Workflow's image input", Some(config::DEFAULT_IMAGE_INPUT_NAME)),
+                string_property("workflow-parameters", "Workflow parameters", "Extra Workflow inputs as a JSON object", None),
+                string_property("stream-output", "Stream output", "Comma-separated image outputs to return as video (empty: none in datachannel mode, auto-detect in track mode)", None),
+                string_property("data-output", "Data output", "Comma-separated Workflow outputs to return in each frame's JSON; '*' for all (empty: metadata only)", None),
+                glib::ParamSpecEnum::builder_with_default("video-transport", VideoTransport::Datachannel)
+                    .nick("Video transport")
+                    .blurb("How the returned video travels: JPEG on the data channel (every frame) or a WebRTC video track")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("realtime-processing")
+                    .nick("Realtime processing")
+                    .blurb("Let the server play the video at its own rate and drop frames (false: every frame, as fast as possible)")
+                    .default_value(false)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecDouble::builder("declared-fps")
+                    .nick("Declared FPS")
+                    .blurb("Frame rate to declare to the server (0: not sent)")
+                    .minimum(0.0)
+                    .maximum(1000.0)
+                    .default_value(0.0)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("processing-timeout")
+                    .nick("Processing timeout")
+                    .blurb("Server-side session limit in seconds (0: the server's default, 3600)")
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
+                string_property("requested-plan", "Requested plan", "Plan for Roboflow's hosted serverless WebRTC", None),
+                string_property("requested-region", "Requested region", "Region for Roboflow's hosted serverless WebRTC", None),
+                string_property("ice-servers", "ICE servers", "Comma-separated STUN/TURN servers: stun:host:port, turn://user:password@host:port", None),
+                string_property("udp-bind-address", "UDP bind address", "Local address for ICE host candidates, IP or IP:port (empty: 127.0.0.1:0 when api-url is loopback, else 0.0.0.0:0)", None),
+                ms_property("connect-timeout", "Connect timeout", "Milliseconds allowed to set up the session: offer, the server's answer (its worker starts in ~10 s), ICE and data channels", 1, config::DEFAULT_CONNECT_TIMEOUT_MS),
+                ms_property("stall-timeout", "Stall timeout", "Milliseconds without upload progress or without a result before the job fails", 1, config::DEFAULT_STALL_TIMEOUT_MS),
+                glib::ParamSpecUInt::builder("chunk-size")
+                    .nick("Chunk size")
+                    .blurb("Payload bytes per upload message (8-byte header plus payload must fit 65536)")
+                    .minimum(config::MIN_CHUNK_SIZE)
+                    .maximum(config::MAX_CHUNK_SIZE_U32)
+                    .default_value(config::DEFAULT_CHUNK_SIZE_U32)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("buffer-limit")
+                    .nick("Buffer limit")
+                    .blurb("Most bytes queued in the video_upload channel at any time (backpressure)")
+                    .minimum(config::MIN_BUFFER_LIMIT)
+                    .default_value(config::DEFAULT_BUFFER_LIMIT)
+                    .mutable_ready()
+                    .build(),
+                ms_property("keepalive-interval", "Keepalive interval", "Milliseconds between 1-byte keepalives during the upload (0: off)", 0, config::DEFAULT_KEEPALIVE_INTERVAL_MS),
+                string_property("spool-dir", "Spool directory", "Directory for the temporary file of spooled uploads (empty: the system's temp dir)", None),
+                glib::ParamSpecEnum::builder_with_default("upload-mode", UploadMode::Auto)
+                    .nick("Upload mode")
+                    .blurb("auto: stream when upstream reports its size in bytes, else spool; spool: always spool")
+                    .mutable_ready()
+                    .build(),
+                string_property("session", "Session", "Name under which roboflowresultsrc finds this session (empty: a unique name)", None),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("Bytes and chunks sent, keepalives sent and echoed, last echo RTT, frames received, phase")
+                    .read_only()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        // A byte sink: rendering against the clock would only slow the upload.
+        self.obj().set_sync(false);
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        if matches!(*self.state.lock().unwrap(), State::Started { .. }) {
+            gst::warning!(CAT, imp = self, "property '{}' cannot change while the element is running", pspec.name());
+            return;
+        }
+        let mut settings = self.settings.lock().unwrap();
+        let text = || value.get::<Option<String>>().expect("type checked upstream");
+        match pspec.name() {
+            "api-url" => settings.api_url = text().unwrap_or_else(|| config::DEFAULT_API_URL.to_owned()),
+            "api-key" => settings.api_key = text(),
+            "api-key-transport" => settings.api_key_transport = value.get().expect("type checked upstream"),
+            "workspace" => settings.workspace = text(),
+            "workflow-id" => settings.workflow_id = text(),
+            "workflow-version-id" => settings.workflow_version_id = text(),
+            "workflow-spec" => settings.workflow_spec = text(),
+            "workflow-spec-file" => settings.workflow_spec_file = text(),
+            "model-id" => settings.model_id = text(),
+            "task-type" => settings.task_type = text().unwrap_or_else(|| config::DEFAULT_TASK_TYPE.to_owned()),
+            "image-input-name" => settings.image_input_name = text().unwrap_or_else(|| config::DEFAULT_IMAGE_INPUT_NAME.to_owned()),
+            "workflow-parameters" => settings.workflow_parameters = text(),
+            "stream-output" => settings.stream_output = text(),
+            "data-output" => settings.data_output = text(),
+            "video-transport" => settings.video_transport = value.get().expect("type checked upstream"),
+            "realtime-processing" => settings.realtime_processing = value.get().expect("type checked upstream"),
+            "declared-fps" => settings.declared_fps = value.get().expect("type checked upstream"),
+            "processing-timeout" => settings.processing_timeout = value.get().expect("type checked upstream"),
+            "requested-plan" => settings.requested_plan = text(),
+            "requested-region" => settings.requested_region = text(),
+            "ice-servers" => settings.ice_servers = text(),
+            "udp-bind-address" => settings.udp_bind_address = text(),
+            "connect-timeout" => settings.connect_timeout_ms = value.get().expect("type checked upstream"),
+            "stall-timeout" => settings.stall_timeout_ms = value.get().expect("type checked upstream"),
+            "chunk-size" => settings.chunk_size = value.get().expect("type checked upstream"),
+            "buffer-limit" => settings.buffer_limit = value.get().expect("type checked upstream"),
+            "keepalive-interval" => settings.keepalive_interval_ms = value.get().expect("type checked upstream"),
+            "spool-dir" => settings.spool_dir = text(),
+            "upload-mode" => settings.upload_mode = value.get().expect("type checked upstream"),
+            "session" => settings.session = text(),
+            name => unreachable!("unknown property {name}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        if pspec.name() == "stats" {
+            return self.stats().to_value();
+        }
+        let settings = self.settings.lock().unwrap();
+        match pspec.name() {
+            "api-url" => settings.api_url.to_value(),
+            "api-key-transport" => settings.api_key_transport.to_value(),
+            "workspace" => settings.workspace.to_value(),
+            "workflow-id" => settings.workflow_id.to_value(),
+            "workflow-version-id" => settings.workflow_version_id.to_value(),
+            "workflow-spec" => settings.workflow_spec.to_value(),
+            "workflow-spec-file" => settings.workflow_spec_file.to_value(),
+            "model-id" => settings.model_id.to_value(),
+            "task-type" => settings.task_type.to_value(),
+            "image-input-name" => settings.image_input_name.to_value(),
+            "workflow-parameters" => settings.workflow_parameters.to_value(),
+            "stream-output" => settings.stream_output.to_value(),
+            "data-output" => settings.data_output.to_value(),
+            "video-transport" => settings.video_transport.to_value(),
+            "realtime-processing" => settings.realtime_processing.to_value(),
+            "declared-fps" => settings.declared_fps.to_value(),
+            "processing-timeout" => settings.processing_timeout.to_value(),
+            "requested-plan" => settings.requested_plan.to_value(),
+            "requested-region" => settings.requested_region.to_value(),
+            "ice-servers" => settings.ice_servers.to_value(),
+            "udp-bind-address" => settings.udp_bind_address.to_value(),
+            "connect-timeout" => settings.connect_timeout_ms.to_value(),
+            "stall-timeout" => settings.stall_timeout_ms.to_value(),
+            "chunk-size" => settings.chunk_size.to_value(),
+            "buffer-limit" => settings.buffer_limit.to_value(),
+            "keepalive-interval" => settings.keepalive_interval_ms.to_value(),
+            "spool-dir" => settings.spool_dir.to_value(),
+            "upload-mode" => settings.upload_mode.to_value(),
+            "session" => settings.session.to_value(),
+            name => unreachable!("unknown readable property {name}"),
+        }
+    }
+}
+
+impl GstObjectImpl for UploadSink {}
+
+impl ElementImpl for UploadSink {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Roboflow upload sink",
+                "Sink/Network",
+                "Uploads a muxed video to a Roboflow Inference Server over WebRTC and reports every frame's Workflow result",
+                "gst-roboflow developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &gst::Caps::new_any(),
+                )
+                .expect("valid sink template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BaseSinkImpl for UploadSink {
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        let config = settings
+            .validate()
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ["{}", err]))?;
+        let name = settings
+            .session
+            .clone()
+            .filter(|name| !name.trim().is_empty())
+            .unwrap_or_else(|| session::default_name(&self.obj().name()));
+        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
+        let session = Session::start(name, config.clone());
+        if let Err(message) = registry::register(&session) {
+            session.close();
+            return Err(gst::error_msg!(gst::LibraryError::Settings, ["{}", message]));
+        }
+        *self.session.lock().unwrap() = Some(session.clone());
+        *self.state.lock().unwrap() = State::Started {
+            session,
+            config,
+            mode: Mode::Undecided,
+            seeking_upstream: false,
+            progress: Progress::default(),
+        };
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        let previous = std::mem::replace(&mut *self.state.lock().unwrap(), State::Stopped);
+        if let State::Started { session, .. } = previous {
+            registry::unregister(&session);
+            session.close();
+            gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
+        }
+        // Dropping the previous state deleted any spool file.
+        Ok(())
+    }
+
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        self.canceller.lock().unwrap().cancel();
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.canceller.lock().unwrap().reset();
+        Ok(())
+    }
+
+    fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let map = buffer.map_readable().map_err(|_| {
+            gst::element_imp_error!(self, gst::ResourceError::Read, ["Failed to map the buffer"]);
+            gst::FlowError::Error
+        })?;
+        let mut messages = Vec::new();
+        let outcome = {
+            let mut state = self.state.lock().unwrap();
+            self.render_locked(&mut state, &map, buffer.offset(), &mut messages)
+        };
+        self.post_all(messages);
+        self.post_warnings();
+        match outcome {
+            Ok(()) => Ok(gst::FlowSuccess::Ok),
+            Err(Stop::Flushing) => Err(gst::FlowError::Flushing),
+            Err(Stop::Error(message)) => {
+                self.post_error_message(message);
+                Err(gst::FlowError::Error)
+            }
+        }
+    }
+
+    fn event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::Segment(segment) => {
+                if let Err(message) = self.on_segment(segment.segment()) {
+                    self.post_error_message(message);
+                    return false;
+                }
+            }
+            gst::EventView::Eos(_) => match self.finish_job() {
+                Ok(()) => {}
+                Err(Stop::Flushing) => return false,
+                Err(Stop::Error(message)) => {
+                    self.post_error_message(message);
+                    return false;
+                }
+            },
+            _ => {}
+        }
+        self.parent_event(event)
+    }
+}
+
+impl UploadSink {
+    fn stats(&self) -> gst::Structure {
+        match self.session.lock().unwrap().as_ref() {
+            Some(session) => session::stats_structure(&session.stats(), |_| {}),
+            None => gst::Structure::builder("roboflow-stats").field("phase", "stopped").build(),
+        }
+    }
+
+    fn post_all(&self, messages: Vec<gst::Message>) {
+        for message in messages {
+            let _ = self.obj().post_message(message);
+        }
+    }
+
+    fn post_warnings(&self) {
+        let session = self.session.lock().unwrap().clone();
+        for warning in session.map(|s| s.take_warnings()).unwrap_or_default() {
+            gst::element_imp_warning!(self, gst::ResourceError::Write, ["{}", warning]);
+        }
+    }
+
+    /// Runs `future` on the plugin runtime, cancellable by unlock().
+    fn wait<T: Send>(
+        &self,
+        timeout: Option<Duration>,
+        timeout_message: impl FnOnce() -> String,
+        future: impl Future<Output = Result<T, String>> + Send,
+    ) -> Result<T, Stop> {
+        match runtime::wait(&self.canceller, timeout, future) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(failure(message)),
+            Err(WaitError::Cancelled) => Err(Stop::Flushing),
+            Err(WaitError::TimedOut(_)) => Err(failure(timeout_message())),
+        }
+    }
+
+    fn wait_connected(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
+        let limit = config.connect_timeout + CONNECT_GRACE;
+        self.wait(
+            Some(limit),
+            || format!("no session with the server at {} within {:.1} s (connect-timeout)", config.api_url, limit.as_secs_f64()),
+            session.wait_connected(),
+        )
+    }
+
+    fn on_segment(&self, segment: &gst::Segment) -> Result<(), gst::ErrorMessage> {
+        let Some(segment) = segment.downcast_ref::<gst::format::Bytes>() else {
+            return Ok(());
+        };
+        let start = segment.start().map(u64::from).unwrap_or(0);
+        let mut state = self.state.lock().unwrap();
+        let State::Started { mode, seeking_upstream, .. } = &mut *state else {
+            return Ok(());
+        };
+        match mode {
+            Mode::Undecided => {
+                if start != 0 {
+                    *seeking_upstream = true;
+                }
+            }
+            Mode::Spooled(spool) => {
+                gst::debug!(CAT, imp = self, "spool: upstream seeks to byte {start}");
+                spool.position = start;
+            }
+            Mode::Streamed(streamed) => {
+                let consumed = streamed.framer.bytes_consumed();
+                if start != consumed {
+                    return Err(gst::error_msg!(
+                        gst::StreamError::Failed,
+                        ["upstream seeked to byte {} after {} bytes were already streamed to the server; set upload-mode=spool for this upstream", start, consumed]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn render_locked(
+        &self,
+        state: &mut State,
+        data: &[u8],
+        offset: u64,
+        messages: &mut Vec<gst::Message>,
+    ) -> Result<(), Stop> {
+        let State::Started { session, config, mode, seeking_upstream, progress } = state else {
+            return Err(Stop::Flushing);
+        };
+        if matches!(mode, Mode::Undecided) {
+            *mode = self.choose_mode(session, config, *seeking_upstream)?;
+        }
+        match mode {
+            Mode::Undecided => unreachable!("decided above"),
+            Mode::Spooled(spool) => self.spool_write(spool, config, data),
+            Mode::Streamed(streamed) => {
+                let consumed = streamed.framer.bytes_consumed();
+                if offset != u64::MAX /* GST_BUFFER_OFFSET_NONE */ && offset != consumed {
+                    return Err(failure(format!(
+                        "upstream sent bytes at offset {offset} while {consumed} bytes were streamed; set upload-mode=spool for this upstream"
+                    )));
+                }
+                let chunks = streamed.framer.push(data).map_err(|err| failure(format!("the upload does not match the size upstream reported: {err}")))?;
+                for chunk in chunks {
+                    self.send_chunk(session, config, &streamed.upload, chunk)?;
+                    self.progress_message(session, progress, false, messages);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn choose_mode(&self, session: &Arc<Session>, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
+        let upload_mode = self.settings.lock().unwrap().upload_mode;
+        let size = if upload_mode == UploadMode::Auto && !seeking_upstream {
+            self.obj()
+                .static_pad("sink")
+                .and_then(|pad| pad.peer_query_duration::<gst::format::Bytes>())
+                .map(u64::from)
+                .filter(|size| *size > 0)
+        } else {
+            None
+        };
+        match size {
+            Some(size) => {
+                gst::info!(CAT, imp = self, "upstream reports {size} bytes: streaming the upload");
+                let framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
+                self.wait_connected(session, config)?;
+                let upload = session.begin_upload(size, framer.total_chunks()).map_err(failure)?;
+                Ok(Mode::Streamed(Box::new(Streamed { framer, upload })))
+            }
+            None => {
+                let spool_dir = self
+                    .settings
+                    .lock()
+                    .unwrap()
+                    .spool_dir
+                    .clone()
+                    .filter(|dir| !dir.trim().is_empty())
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(std::env::temp_dir);
+                let (file, path) = tempfile::Builder::new()
+                    .prefix("roboflow-upload-")
+                    .suffix(".spool")
+                    .tempfile_in(&spool_dir)
+                    .map_err(|err| {
+                        failure(format!(
+                            "cannot create a spool file in '{}': {err} (spool-dir)",
+                            spool_dir.display()
+                        ))
+                    })?
+                    .into_parts();
+                gst::info!(CAT, imp = self, "upstream size unknown or upstream seeks: spooling to {}", path.display());
+                Ok(Mode::Spooled(Spool { file, path, position: 0, size: 0 }))
+            }
+        }
+    }
+
+    fn spool_write(&self, spool: &mut Spool, _config: &SessionConfig, data: &[u8]) -> Result<(), Stop> {
+        let write = |spool: &mut Spool| -> std::io::Result<()> {
+            spool.file.seek(SeekFrom::Start(spool.position))?;
+            spool.file.write_all(data)
+        };
+        write(spool).map_err(|err| {
+            failure(format!(
+                "writing {} bytes at offset {} of the spool file {} failed: {err} (spool-dir)",
+                data.len(),
+                spool.position,
+                spool.path.display()
+            ))
+        })?;
+        spool.position += data.len() as u64;
+        spool.size = spool.size.max(spool.position);
+        Ok(())
+    }
+
+    fn send_chunk(&self, session: &Arc<Session>, config: &SessionConfig, upload: &Upload, chunk: bytes::Bytes) -> Result<(), Stop> {
+        let stall = config.stall_timeout;
+        self.wait(
+            Some(stall),
+            || {
+                let stats = session.stats();
+                format!(
+                    "the upload made no progress for {:.1} s (stall-timeout) after {} of {} chunks: the server stopped reading the video_upload channel",
+                    stall.as_secs_f64(),
+                    stats.chunks_sent,
+                    stats.total_chunks
+                )
+            },
+            session.send_chunk(upload, chunk),
+        )
+    }
+
+    fn progress_message(&self, session: &Session, progress: &mut Progress, last: bool, messages: &mut Vec<gst::Message>) {
+        let now = Instant::now();
+        let started = *progress.started.get_or_insert(now);
+        let stats = session.stats();
+        let percent = (stats.bytes_sent * 100).checked_div(stats.total_bytes).unwrap_or(0);
+        let due = last
+            || percent > progress.last_percent
+            || progress.last_post.is_none_or(|at| now.duration_since(at) >= PROGRESS_INTERVAL);
+        if !due {
+            return;
+        }
+        progress.last_post = Some(now);
+        progress.last_percent = percent;
+        let structure = gst::Structure::builder(PROGRESS_MESSAGE)
+            .field("uploaded-bytes", stats.bytes_sent)
+            .field("total-bytes", stats.total_bytes)
+            .field("uploaded-chunks", stats.chunks_sent)
+            .field("total-chunks", stats.total_chunks)
+            .field("percent", percent as f64)
+            .field("elapsed", gst::ClockTime::from_nseconds(now.duration_since(started).as_nanos() as u64))
+            .field("final", last)
+            .build();
+        messages.push(gst::message::Element::builder(structure).src(&*self.obj()).build());
+    }
+
+    /// At EOS: complete the upload, then wait for every result.
+    fn finish_job(&self) -> Result<(), Stop> {
+        let (session, config) = {
+            let mut messages = Vec::new();
+            let outcome = {
+                let mut state = self.state.lock().unwrap();
+                self.finish_upload_locked(&mut state, &mut messages)
+            };
+            self.post_all(messages);
+            self.post_warnings();
+            outcome?
+        };
+        self.collect_results(&session, &config)
+    }
+
+    fn finish_upload_locked(&self, state: &mut State, messages: &mut Vec<gst::Message>) -> Result<(Arc<Session>, SessionConfig), Stop> {
+        let State::Started { session, config, mode, progress, .. } = state else {
+            return Err(Stop::Flushing);
+        };
+        let upload = match std::mem::replace(mode, Mode::Undecided) {
+            Mode::Undecided => {
+                return Err(Stop::Error(gst::error_msg!(
+                    gst::StreamError::Failed,
+                    ["the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)"]
+                )));
+            }
+            Mode::Streamed(streamed) => {
+                let Streamed { mut framer, upload } = *streamed;
+                let last = framer
+                    .finish()
+                    .map_err(|err| failure(format!("upstream ended early: {err}")))?;
+                if let Some(chunk) = last {
+                    self.send_chunk(session, config, &upload, chunk)?;
+                }
+                upload
+            }
+            Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress, messages)?,
+        };
+        let stall = config.stall_timeout;
+        self.wait(
+            Some(stall),
+            || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
+            session.finish_upload(upload),
+        )?;
+        self.progress_message(session, progress, true, messages);
+        Ok((session.clone(), config.clone()))
+    }
+
+    fn upload_spool(
+        &self,
+        session: &Arc<Session>,
+        config: &SessionConfig,
+        mut spool: Spool,
+        progress: &mut Progress,
+        messages: &mut Vec<gst::Message>,
+    ) -> Result<Upload, Stop> {
+        let size = spool.size;
+        if size == 0 {
+            return Err(Stop::Error(gst::error_msg!(
+                gst::StreamError::Failed,
+                ["the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)"]
+            )));
+        }
+        let mut framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
+        self.wait_connected(session, config)?;
+        let upload = session.begin_upload(size, framer.total_chunks()).map_err(failure)?;
+        let read_error = |err: std::io::Error| failure(format!("reading back the spool file {} failed: {err}", spool.path.display()));
+        spool.file.seek(SeekFrom::Start(0)).map_err(read_error)?;
+        let mut block = vec![0u8; config.chunk_size];
+        let mut remaining = size;
+        while remaining > 0 {
+            let want = block.len().min(remaining as usize);
+            spool.file.read_exact(&mut block[..want]).map_err(read_error)?;
+            remaining -= want as u64;
+            for chunk in framer.push(&block[..want]).map_err(|err| failure(err.to_string()))? {
+                self.send_chunk(session, config, &upload, chunk)?;
+                self.progress_message(session, progress, false, messages);
+            }
+        }
+        if let Some(chunk) = framer.finish().map_err(|err| failure(err.to_string()))? {
+            self.send_chunk(session, config, &upload, chunk)?;
+        }
+        // `spool` drops here: the temporary file is deleted.
+        Ok(upload)
+    }
+
+    fn collect_results(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
+        let Some(mut events) = session.take_events(false) else {
+            // A roboflowresultsrc consumes the results; the job ends when it
+            // has seen processing_complete.
+            return self.wait(None, String::new, session.wait_complete());
+        };
+        let stall = config.stall_timeout;
+        loop {
+            let event = self.wait(
+                Some(stall),
+                || {
+                    format!(
+                        "no result from the server for {:.1} s (stall-timeout) after {} frames",
+                        stall.as_secs_f64(),
+                        session.stats().frames_received
+                    )
+                },
+                async { Ok(session.next_event(&mut events).await) },
+            )?;
+            match event {
+                SessionEvent::Frame(frame) => self.post_inference(&frame),
+                SessionEvent::Complete { frames, .. } => {
+                    gst::info!(CAT, imp = self, "processing complete: {frames} frames");
+                    return Ok(());
+                }
+                SessionEvent::Failed(message) => return Err(failure(message)),
+            }
+        }
+    }
+
+    fn post_inference(&self, frame: &FrameEvent) {
+        let structure = inference_structure(frame);
+        let _ = self
+            .obj()
+            .post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
+    }
+}
+
+/// The `roboflow-inference` message body for one frame.
+pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
+    let pts = frame
+        .pts_seconds
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .map(|seconds| gst::ClockTime::from_nseconds((seconds * 1e9).round() as u64));
+    gst::Structure::builder(INFERENCE_MESSAGE)
+        .field("frame-id", frame.frame_id)
+        .field("pts", pts)
+        .field("json", redact_images(&frame.json).to_string())
+        .field("errors", gst::Array::new(frame.errors.iter().map(|e| e.to_send_value())))
+        .build()
+}
