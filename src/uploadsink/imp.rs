@@ -53,7 +53,7 @@ impl From<gst::ErrorMessage> for Stop {
 }
 
 fn failure(message: impl AsRef<str>) -> Stop {
-    Stop::Error(gst::error_msg!(gst::ResourceError::Failed, ["{}", message.as_ref()]))
+    Stop::Error(gst::error_msg!(gst::ResourceError::Failed, ("{}", message.as_ref())))
 }
 
 struct Spool {
@@ -355,7 +355,7 @@ impl BaseSinkImpl for UploadSink {
         let settings = self.settings.lock().unwrap().clone();
         let config = settings
             .validate()
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ["{}", err]))?;
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
         let name = settings
             .session
             .clone()
@@ -365,7 +365,7 @@ impl BaseSinkImpl for UploadSink {
         let session = Session::start(name, config.clone());
         if let Err(message) = registry::register(&session) {
             session.close();
-            return Err(gst::error_msg!(gst::LibraryError::Settings, ["{}", message]));
+            return Err(gst::error_msg!(gst::LibraryError::Settings, ("{}", message)));
         }
         *self.session.lock().unwrap() = Some(session.clone());
         *self.state.lock().unwrap() = State::Started {
@@ -401,7 +401,7 @@ impl BaseSinkImpl for UploadSink {
 
     fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
         let map = buffer.map_readable().map_err(|_| {
-            gst::element_imp_error!(self, gst::ResourceError::Read, ["Failed to map the buffer"]);
+            gst::element_imp_error!(self, gst::ResourceError::Read, ("Failed to map the buffer"));
             gst::FlowError::Error
         })?;
         let mut messages = Vec::new();
@@ -460,7 +460,7 @@ impl UploadSink {
     fn post_warnings(&self) {
         let session = self.session.lock().unwrap().clone();
         for warning in session.map(|s| s.take_warnings()).unwrap_or_default() {
-            gst::element_imp_warning!(self, gst::ResourceError::Write, ["{}", warning]);
+            gst::element_imp_warning!(self, gst::ResourceError::Write, ("{}", warning));
         }
     }
 
@@ -512,7 +512,7 @@ impl UploadSink {
                 if start != consumed {
                     return Err(gst::error_msg!(
                         gst::StreamError::Failed,
-                        ["upstream seeked to byte {} after {} bytes were already streamed to the server; set upload-mode=spool for this upstream", start, consumed]
+                        ("upstream seeked to byte {} after {} bytes were already streamed to the server; set upload-mode=spool for this upstream", start, consumed)
                     ));
                 }
             }
@@ -555,7 +555,7 @@ impl UploadSink {
 
     fn choose_mode(&self, session: &Arc<Session>, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
         let upload_mode = self.settings.lock().unwrap().upload_mode;
-        let size = if upload_mode == UploadMode::Auto && !seeking_upstream {
+        let size = if upload_mode == UploadMode::Auto && !seeking_upstream && self.fed_by_byte_source() {
             self.obj()
                 .static_pad("sink")
                 .and_then(|pad| pad.peer_query_duration::<gst::format::Bytes>())
@@ -597,6 +597,31 @@ impl UploadSink {
                 Ok(Mode::Spooled(Spool { file, path, position: 0, size: 0 }))
             }
         }
+    }
+
+    /// True when the bytes arriving are exactly the bytes of a source
+    /// element, so that its BYTES duration is the upload's size. Encoders
+    /// and muxers forward duration queries upstream, where a BYTES answer
+    /// describes other bytes entirely; only byte-preserving elements may
+    /// stand between the source and this sink.
+    fn fed_by_byte_source(&self) -> bool {
+        const BYTE_PRESERVING: &[&str] = &["queue", "queue2", "identity", "capsfilter", "tee", "typefind"];
+        let mut pad = self.obj().static_pad("sink");
+        for _ in 0..16 {
+            let Some(element) = pad.and_then(|p| p.peer()).and_then(|peer| peer.parent_element()) else {
+                return false;
+            };
+            if element.is::<gst_base::BaseSrc>() {
+                return true;
+            }
+            let factory = element.factory().map(|f| f.name().to_string()).unwrap_or_default();
+            if !BYTE_PRESERVING.contains(&factory.as_str()) {
+                gst::debug!(CAT, imp = self, "{} ({factory}) may change the bytes: spooling", element.name());
+                return false;
+            }
+            pad = element.sink_pads().into_iter().next();
+        }
+        false
     }
 
     fn spool_write(&self, spool: &mut Spool, _config: &SessionConfig, data: &[u8]) -> Result<(), Stop> {
@@ -682,7 +707,7 @@ impl UploadSink {
             Mode::Undecided => {
                 return Err(Stop::Error(gst::error_msg!(
                     gst::StreamError::Failed,
-                    ["the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)"]
+                    ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
                 )));
             }
             Mode::Streamed(streamed) => {
@@ -719,7 +744,7 @@ impl UploadSink {
         if size == 0 {
             return Err(Stop::Error(gst::error_msg!(
                 gst::StreamError::Failed,
-                ["the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)"]
+                ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
             )));
         }
         let mut framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
