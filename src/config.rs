@@ -600,7 +600,7 @@ mod tests {
         assert_eq!(config.api_url.as_str(), "http://127.0.0.1:9001/");
         assert_eq!(config.chunk_size, 49152);
         assert_eq!(config.buffer_limit, 262144);
-        assert_eq!(config.udp_bind_address, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(config.udp_bind_address, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
         assert_eq!(config.request_stream_output(), Some(vec![]));
         assert!(config.request_data_output().is_empty());
     }
@@ -659,10 +659,10 @@ mod tests {
             ("https://serverless.roboflow.com", "0.0.0.0:0"),
         ] {
             let config = UploadSettings { api_url: url.into(), ..with_spec() }.validate().unwrap();
-            assert_eq!(config.udp_bind_address, expected.parse().unwrap(), "{url}");
+            assert_eq!(config.udp_bind_address, expected.parse::<SocketAddr>().unwrap(), "{url}");
         }
         let explicit = UploadSettings { udp_bind_address: Some("127.0.0.1".into()), ..with_spec() };
-        assert_eq!(explicit.validate().unwrap().udp_bind_address, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(explicit.validate().unwrap().udp_bind_address, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     }
 
     #[test]
