@@ -101,6 +101,8 @@ pub struct UploadSink {
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
     session: Mutex<Option<Arc<Session>>>,
     canceller: Mutex<Canceller>,
+    /// "undecided", "streamed" or "spooled", for `stats`.
+    upload_mode: Mutex<&'static str>,
 }
 
 impl Default for UploadSink {
@@ -110,6 +112,7 @@ impl Default for UploadSink {
             state: Mutex::new(State::Stopped),
             session: Mutex::new(None),
             canceller: Mutex::new(Canceller::default()),
+            upload_mode: Mutex::new("undecided"),
         }
     }
 }
@@ -368,6 +371,7 @@ impl BaseSinkImpl for UploadSink {
             return Err(gst::error_msg!(gst::LibraryError::Settings, ("{}", message)));
         }
         *self.session.lock().unwrap() = Some(session.clone());
+        *self.upload_mode.lock().unwrap() = "undecided";
         *self.state.lock().unwrap() = State::Started {
             session,
             config,
@@ -446,7 +450,10 @@ impl BaseSinkImpl for UploadSink {
 impl UploadSink {
     fn stats(&self) -> gst::Structure {
         match self.session.lock().unwrap().as_ref() {
-            Some(session) => session::stats_structure(&session.stats(), |_| {}),
+            Some(session) => {
+                let mode = *self.upload_mode.lock().unwrap();
+                session::stats_structure(&session.stats(), |s| s.set("upload-mode", mode))
+            }
             None => gst::Structure::builder("roboflow-stats").field("phase", "stopped").build(),
         }
     }
@@ -532,6 +539,10 @@ impl UploadSink {
         };
         if matches!(mode, Mode::Undecided) {
             *mode = self.choose_mode(session, config, *seeking_upstream)?;
+            *self.upload_mode.lock().unwrap() = match mode {
+                Mode::Streamed(_) => "streamed",
+                _ => "spooled",
+            };
         }
         match mode {
             Mode::Undecided => unreachable!("decided above"),

@@ -1,0 +1,111 @@
+// Element behaviour with gst-check's Harness: validation before any network,
+// an empty input refused, the key never readable.
+
+mod common;
+
+use common::harness::init;
+use gst::glib;
+use gst::prelude::*;
+
+fn harness_with(properties: &[(&str, &str)]) -> gst_check::Harness {
+    init();
+    let mut harness = gst_check::Harness::new("roboflowuploadsink");
+    let element = harness.element().unwrap();
+    for (name, value) in properties {
+        element.set_property_from_str(name, value);
+    }
+    harness.set_src_caps_str("video/quicktime");
+    harness
+}
+
+fn first_error(harness: &gst_check::Harness) -> Option<String> {
+    let bus = gst::Bus::new();
+    let element = harness.element().unwrap();
+    element.set_bus(Some(&bus));
+    let _ = element.set_state(gst::State::Playing);
+    while let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(500)) {
+        if let gst::MessageView::Error(err) = message.view() {
+            return Some(err.error().to_string());
+        }
+    }
+    None
+}
+
+#[test]
+fn missing_workflow_is_refused_naming_the_property() {
+    let harness = harness_with(&[("api-url", "http://127.0.0.1:9")]);
+    let error = first_error(&harness).expect("start fails");
+    assert!(error.contains("workflow-spec"), "{error}");
+}
+
+#[test]
+fn malformed_values_are_refused_naming_the_property() {
+    for (property, value, expected) in [
+        ("workflow-parameters", "[1,2]", "workflow-parameters"),
+        ("workflow-spec", "{not json", "workflow-spec"),
+        ("ice-servers", "turn:turn.example.com:3478", "ice-servers"),
+        ("udp-bind-address", "somewhere", "udp-bind-address"),
+        ("spool-dir", "/nonexistent/roboflow", "spool-dir"),
+    ] {
+        let mut properties = vec![("api-url", "http://127.0.0.1:9"), (property, value)];
+        if property != "workflow-spec" {
+            properties.push(("workflow-spec", common::harness::WORKFLOW));
+        }
+        let harness = harness_with(&properties);
+        let error = first_error(&harness).expect("start fails");
+        assert!(error.contains(expected), "{property}={value}: {error}");
+    }
+}
+
+#[test]
+fn empty_input_is_refused() {
+    // Nothing listens on port 9: the session fails in the background, but the
+    // empty input is reported first, as the user's own mistake.
+    let mut harness = harness_with(&[
+        ("api-url", "http://127.0.0.1:9"),
+        ("workflow-spec", common::harness::WORKFLOW),
+    ]);
+    let bus = gst::Bus::new();
+    harness.element().unwrap().set_bus(Some(&bus));
+    harness.play();
+    assert!(!harness.push_event(gst::event::Eos::new()));
+    let mut error = None;
+    while let Some(message) = bus.timed_pop(gst::ClockTime::from_seconds(2)) {
+        if let gst::MessageView::Error(err) = message.view() {
+            error = Some(err.error().to_string());
+            break;
+        }
+    }
+    let error = error.expect("an error is posted");
+    assert!(error.contains("input is empty"), "{error}");
+}
+
+#[test]
+fn the_api_key_is_write_only() {
+    init();
+    let element = gst::ElementFactory::make("roboflowuploadsink").build().unwrap();
+    let pspec = element.find_property("api-key").unwrap();
+    assert!(!pspec.flags().contains(glib::ParamFlags::READABLE));
+    assert!(pspec.flags().contains(glib::ParamFlags::WRITABLE));
+}
+
+#[test]
+fn every_documented_property_exists() {
+    init();
+    let element = gst::ElementFactory::make("roboflowuploadsink").build().unwrap();
+    for name in [
+        "api-url", "api-key", "api-key-transport", "workspace", "workflow-id", "workflow-version-id",
+        "workflow-spec", "workflow-spec-file", "model-id", "task-type", "image-input-name",
+        "workflow-parameters", "stream-output", "data-output", "video-transport",
+        "realtime-processing", "declared-fps", "processing-timeout", "requested-plan",
+        "requested-region", "ice-servers", "udp-bind-address", "connect-timeout", "stall-timeout",
+        "chunk-size", "buffer-limit", "keepalive-interval", "spool-dir", "session", "stats",
+    ] {
+        let pspec = element.find_property(name).unwrap_or_else(|| panic!("no property {name}"));
+        assert!(!pspec.blurb().unwrap_or_default().is_empty(), "{name} has a blurb");
+    }
+    assert_eq!(element.property::<u32>("chunk-size"), 49152);
+    assert_eq!(element.property::<u32>("buffer-limit"), 262144);
+    assert_eq!(element.property::<u32>("keepalive-interval"), 5000);
+    assert_eq!(element.property::<String>("api-url"), "http://127.0.0.1:9001");
+}
