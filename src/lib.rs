@@ -5,17 +5,21 @@
 
 use gst::glib;
 
+pub mod bus;
 pub mod config;
 pub mod protocol;
 pub mod runtime;
 pub mod session;
 pub mod signalling;
+mod resultsrc;
 mod uploadsink;
 
+pub use resultsrc::{META_NAME, ResultSrc};
 pub use uploadsink::UploadSink;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     uploadsink::register(plugin)?;
+    resultsrc::register(plugin)?;
     Ok(())
 }
 

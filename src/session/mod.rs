@@ -30,6 +30,7 @@ use crate::protocol::results::{ReassemblyLimits, ResultReassembler};
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN, is_keepalive};
 use crate::runtime::RUNTIME;
 use crate::signalling;
+use rtc::shared::marshal::Marshal;
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -101,6 +102,23 @@ pub enum SessionEvent {
     Failed(String),
 }
 
+/// What the returned video track delivers to a result source.
+#[derive(Debug, Clone)]
+pub enum TrackItem {
+    /// Sent once, before the first packet: the negotiated codec.
+    Codec {
+        mime_type: String,
+        clock_rate: u32,
+        payload_type: u8,
+    },
+    /// One RTP packet, serialized as it arrived.
+    Packet(Bytes),
+}
+
+/// RTP packets waiting for the result source; past this packets are dropped
+/// (and counted) rather than stalling the connection.
+const TRACK_QUEUE: usize = 1024;
+
 /// A read-only picture of the session for `stats` properties.
 #[derive(Debug, Clone)]
 pub struct StatsSnapshot {
@@ -148,6 +166,9 @@ pub struct Session {
     events_tx: mpsc::Sender<SessionEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<SessionEvent>>>,
     consumer_attached: AtomicBool,
+    track_tx: mpsc::Sender<TrackItem>,
+    track_rx: Mutex<Option<mpsc::Receiver<TrackItem>>>,
+    track_packets_dropped: AtomicU64,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     closed: AtomicBool,
 }
@@ -171,6 +192,7 @@ impl Session {
     /// whatever upstream is doing meanwhile.
     pub fn start(name: String, config: SessionConfig) -> Arc<Session> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (track_tx, track_rx) = mpsc::channel(TRACK_QUEUE);
         let keepalive = KeepaliveTracker::new(config.keepalive_interval);
         let session = Arc::new(Session {
             name,
@@ -189,6 +211,9 @@ impl Session {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             consumer_attached: AtomicBool::new(false),
+            track_tx,
+            track_rx: Mutex::new(Some(track_rx)),
+            track_packets_dropped: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         });
@@ -311,6 +336,15 @@ impl Session {
         taken
     }
 
+    /// The returned video track's codec and packets (track transport).
+    pub fn take_track(&self) -> Option<mpsc::Receiver<TrackItem>> {
+        self.track_rx.lock().unwrap().take()
+    }
+
+    pub fn track_packets_dropped(&self) -> u64 {
+        self.track_packets_dropped.load(Ordering::Relaxed)
+    }
+
     pub fn has_result_source(&self) -> bool {
         self.consumer_attached.load(Ordering::Acquire)
     }
@@ -348,9 +382,16 @@ impl Session {
         self.set_phase(Phase::Uploading);
         let (chunks_tx, chunks_rx) = mpsc::channel(UPLOAD_QUEUE);
         let (finished_tx, finished_rx) = oneshot::channel();
+        let (uploading_tx, uploading_rx) = watch::channel(true);
+        if !self.config.keepalive_interval.is_zero() {
+            let session = self.clone();
+            let channel = channel.clone();
+            self.spawn(async move { session.keepalive_task(channel, uploading_rx).await });
+        }
         let session = self.clone();
         self.spawn(async move {
             let outcome = session.upload_task(channel, chunks_rx).await;
+            uploading_tx.send_replace(false);
             if let Err(message) = &outcome {
                 session.fail(message.clone());
             } else {
@@ -391,40 +432,47 @@ impl Session {
         channel: Arc<dyn DataChannel>,
         mut chunks: mpsc::Receiver<Bytes>,
     ) -> Result<(), String> {
-        let interval = self.config.keepalive_interval;
-        let keepalive_on = !interval.is_zero();
-        self.keepalive.lock().unwrap().start(Instant::now());
-        let mut next_keepalive = tokio::time::Instant::now() + interval;
-        loop {
-            tokio::select! {
-                chunk = chunks.recv() => {
-                    let Some(chunk) = chunk else { break };
-                    let payload = chunk.len().saturating_sub(UPLOAD_HEADER_LEN) as u64;
-                    // Runs to completion: a send cancelled midway may leave the
-                    // channel in an undefined state.
-                    channel.send(BytesMut::from(&chunk[..])).await.map_err(|err| {
-                        format!(
-                            "sending chunk {} of {} on the video_upload channel failed: {err}",
-                            self.counters.chunks_sent.load(Ordering::Relaxed) + 1,
-                            self.counters.total_chunks.load(Ordering::Relaxed)
-                        )
-                    })?;
-                    self.counters.bytes_sent.fetch_add(payload, Ordering::Relaxed);
-                    self.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                _ = tokio::time::sleep_until(next_keepalive), if keepalive_on => {
-                    next_keepalive += interval;
-                    let due = self.keepalive.lock().unwrap().poll_send(Instant::now());
-                    if due {
-                        channel.send(BytesMut::from(KEEPALIVE_MESSAGE)).await.map_err(|err| {
-                            format!("sending a keepalive on the video_upload channel failed: {err}")
-                        })?;
-                        self.check_missed_echoes();
-                    }
-                }
-            }
+        while let Some(chunk) = chunks.recv().await {
+            let payload = chunk.len().saturating_sub(UPLOAD_HEADER_LEN) as u64;
+            // Runs to completion: a send cancelled midway may leave the
+            // channel in an undefined state.
+            channel.send(BytesMut::from(&chunk[..])).await.map_err(|err| {
+                format!(
+                    "sending chunk {} of {} on the video_upload channel failed: {err}",
+                    self.counters.chunks_sent.load(Ordering::Relaxed) + 1,
+                    self.counters.total_chunks.load(Ordering::Relaxed)
+                )
+            })?;
+            self.counters.bytes_sent.fetch_add(payload, Ordering::Relaxed);
+            self.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Sends a keepalive every interval until `uploading` turns false. It
+    /// runs beside the upload task, so that a keepalive competes for buffer
+    /// room with the chunks instead of queueing behind all of them; it is
+    /// never aborted in the middle of a send.
+    async fn keepalive_task(&self, channel: Arc<dyn DataChannel>, mut uploading: watch::Receiver<bool>) {
+        let interval = self.config.keepalive_interval;
+        self.keepalive.lock().unwrap().start(Instant::now());
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = uploading.wait_for(|up| !*up) => return,
+            }
+            if !*uploading.borrow() {
+                return;
+            }
+            if !self.keepalive.lock().unwrap().poll_send(Instant::now()) {
+                continue;
+            }
+            if let Err(err) = channel.send(BytesMut::from(KEEPALIVE_MESSAGE)).await {
+                gst::debug!(CAT, "session {}: keepalive not sent: {err}", self.name);
+                return;
+            }
+            self.check_missed_echoes();
+        }
     }
 
     fn check_missed_echoes(&self) {
@@ -568,19 +616,11 @@ impl Session {
             .create_data_channel(CONTROL_CHANNEL, Some(reliable.clone()))
             .await
             .map_err(|err| webrtc_error("creating the inference data channel failed", err))?;
-        let upload = peer
-            .create_data_channel(UPLOAD_CHANNEL, Some(reliable))
-            .await
-            .map_err(|err| webrtc_error("creating the video_upload data channel failed", err))?;
         let (control_open_tx, mut control_open) = watch::channel(false);
-        let (upload_open_tx, mut upload_open) = watch::channel(false);
         {
             let session = self.clone();
             let channel = control.clone();
             self.spawn(async move { session.poll_control(channel, control_open_tx).await });
-            let session = self.clone();
-            let channel = upload.clone();
-            self.spawn(async move { session.poll_upload(channel, upload_open_tx).await });
         }
 
         if config.wants_video_track() {
@@ -618,8 +658,22 @@ impl Session {
             .await
             .map_err(|err| webrtc_error("the server's SDP answer was refused", err))?;
 
-        self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the data channels");
+        self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the inference channel");
         let _ = control_open.wait_for(|open| *open).await;
+        // Opened only now, so that the server sees the channels in protocol
+        // order: inference, then video_upload (channels created before the
+        // connection open in no defined order).
+        self.set_stage("opening the video_upload channel");
+        let upload = peer
+            .create_data_channel(UPLOAD_CHANNEL, Some(reliable))
+            .await
+            .map_err(|err| webrtc_error("creating the video_upload data channel failed", err))?;
+        let (upload_open_tx, mut upload_open) = watch::channel(false);
+        {
+            let session = self.clone();
+            let channel = upload.clone();
+            self.spawn(async move { session.poll_upload(channel, upload_open_tx).await });
+        }
         let _ = upload_open.wait_for(|open| *open).await;
         *self.control_channel.lock().unwrap() = Some(control);
         *self.upload_channel.lock().unwrap() = Some(upload);
@@ -762,20 +816,46 @@ impl Session {
     }
 
     fn on_track(self: Arc<Self>, track: Arc<dyn TrackRemote>) {
-        // The result source takes the packets; until then keep the track
-        // polled, as webrtc-rs stalls every stream when one is not read.
-        let name = self.name.clone();
+        // Keep the track polled whether or not a result source reads it:
+        // webrtc-rs stalls every stream when one is not read.
+        let session = self.clone();
         self.spawn(async move {
             let mut packets = 0u64;
+            let mut codec_sent = false;
             while let Some(event) = track.poll().await {
                 match event {
-                    TrackRemoteEvent::OnRtpPacket(_) => packets += 1,
+                    TrackRemoteEvent::OnRtpPacket(packet) => {
+                        packets += 1;
+                        if !codec_sent {
+                            codec_sent = true;
+                            let codec = track.codec(packet.header.ssrc).await;
+                            let (mime_type, clock_rate) = codec
+                                .map(|c| (c.mime_type, c.clock_rate))
+                                .unwrap_or_else(|| (String::new(), 90_000));
+                            gst::info!(CAT, "session {}: returned track carries {mime_type} (payload type {})", session.name, packet.header.payload_type);
+                            session.deliver_track(TrackItem::Codec {
+                                mime_type,
+                                clock_rate,
+                                payload_type: packet.header.payload_type,
+                            });
+                        }
+                        match packet.marshal() {
+                            Ok(bytes) => session.deliver_track(TrackItem::Packet(bytes.freeze())),
+                            Err(err) => gst::warning!(CAT, "session {}: cannot serialize an RTP packet: {err}", session.name),
+                        }
+                    }
                     TrackRemoteEvent::OnEnded => break,
                     _ => {}
                 }
             }
-            gst::debug!(CAT, "session {name}: returned track ended after {packets} RTP packets");
+            gst::debug!(CAT, "session {}: returned track ended after {packets} RTP packets", session.name);
         });
+    }
+
+    fn deliver_track(&self, item: TrackItem) {
+        if self.track_tx.try_send(item).is_err() {
+            self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

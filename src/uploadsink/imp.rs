@@ -19,7 +19,7 @@ use gst_base::subclass::prelude::*;
 use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
-use crate::protocol::messages::redact_images;
+use crate::bus::{PROGRESS_MESSAGE, inference_structure};
 use crate::protocol::upload::UploadFramer;
 use crate::runtime::{self, Canceller, WaitError};
 use crate::session::{self, FrameEvent, Session, SessionEvent, Upload, registry};
@@ -32,8 +32,6 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-pub const PROGRESS_MESSAGE: &str = "roboflow-upload-progress";
-pub const INFERENCE_MESSAGE: &str = "roboflow-inference";
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Extra time granted to the connect wait beyond connect-timeout: the
 /// session enforces the real limit and explains which step was late.
@@ -817,18 +815,4 @@ impl UploadSink {
             .obj()
             .post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
     }
-}
-
-/// The `roboflow-inference` message body for one frame.
-pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
-    let pts = frame
-        .pts_seconds
-        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-        .map(|seconds| gst::ClockTime::from_nseconds((seconds * 1e9).round() as u64));
-    gst::Structure::builder(INFERENCE_MESSAGE)
-        .field("frame-id", frame.frame_id)
-        .field("pts", pts)
-        .field("json", redact_images(&frame.json).to_string())
-        .field("errors", gst::Array::new(frame.errors.iter().map(|e| e.to_send_value())))
-        .build()
 }

@@ -143,10 +143,15 @@ pub fn sink_of(pipeline: &gst::Pipeline, name: &str) -> gst::Element {
 /// A minimal valid workflow (the test worker accepts any with `steps`).
 pub const WORKFLOW: &str = r#"{"version":"1.0","inputs":[{"type":"InferenceImage","name":"image"}],"steps":[{"type":"roboflow_core/dominant_color@v1","name":"color","image":"$inputs.image"}],"outputs":[{"type":"JsonField","name":"rgb_color","selector":"$steps.color.rgb_color"}]}"#;
 
+pub fn workflow_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows/dominant-color.json")
+}
+
 /// The sink's properties for a test against `url`, with short timeouts.
 pub fn sink_properties(url: &str) -> String {
     format!(
-        "api-url={url} api-key=test-key workflow-spec='{WORKFLOW}' connect-timeout=20000 stall-timeout=20000"
+        "api-url={url} api-key=test-key workflow-spec-file={} connect-timeout=20000 stall-timeout=20000",
+        workflow_file().display()
     )
 }
 

@@ -1,0 +1,338 @@
+// roboflowresultsrc: a bin around the frame source.
+//
+//   framesrc ! queue (max-queued-frames) ! [decoder chain] ! identity ! ghost src
+//
+// The decoder chain is chosen from the caps the frame source announces:
+// jpegdec for data-channel JPEG, depayloader and decoder for the returned
+// RTP track. The queue is the bounded queue of the flow control: while it is
+// full the frame source does not read further results, its acks stop, and
+// the server waits. With realtime processing it leaks its oldest frames.
+
+use std::sync::atomic::Ordering;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+
+use super::framesrc::{CAT, FrameSrcElement, Params, Shared};
+use super::META_NAME;
+
+const DEFAULT_MAX_QUEUED_FRAMES: u32 = 8;
+
+pub struct ResultSrc {
+    framesrc: FrameSrcElement,
+    queue: gst::Element,
+    tail: gst::Element,
+    ghost: gst::GhostPad,
+    shared: Shared,
+    params: Mutex<Params>,
+    decoder: Mutex<Vec<gst::Element>>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for ResultSrc {
+    const NAME: &'static str = "GstRoboflowResultSrc";
+    type Type = super::ResultSrc;
+    type ParentType = gst::Bin;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let framesrc = glib::Object::builder::<FrameSrcElement>().property("name", "framesrc").build();
+        let queue = gst::ElementFactory::make("queue")
+            .name("queue")
+            .property("max-size-buffers", DEFAULT_MAX_QUEUED_FRAMES)
+            .property("max-size-bytes", 0u32)
+            .property("max-size-time", 0u64)
+            .build()
+            .expect("the queue element (coreelements) is available");
+        let tail = gst::ElementFactory::make("identity")
+            .name("tail")
+            .property("silent", true)
+            .build()
+            .expect("the identity element (coreelements) is available");
+        let template = klass.pad_template("src").expect("src template");
+        let ghost = gst::GhostPad::builder_from_template(&template).name("src").build();
+        Self {
+            framesrc,
+            queue,
+            tail,
+            ghost,
+            shared: Shared::default(),
+            params: Mutex::new(Params::default()),
+            decoder: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl ObjectImpl for ResultSrc {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecString::builder("session")
+                    .nick("Session")
+                    .blurb("Name of the roboflowuploadsink session whose results to output (its 'session' property)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("connect-timeout")
+                    .nick("Connect timeout")
+                    .blurb("Milliseconds to wait for a roboflowuploadsink with that session to start")
+                    .minimum(1)
+                    .default_value(crate::config::DEFAULT_CONNECT_TIMEOUT_MS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-queued-frames")
+                    .nick("Max queued frames")
+                    .blurb("Frames held for downstream; while full, acks stop and the server waits (realtime processing: the oldest are dropped)")
+                    .minimum(1)
+                    .maximum(1024)
+                    .default_value(DEFAULT_MAX_QUEUED_FRAMES)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops")
+                    .read_only()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut params = self.params.lock().unwrap();
+        match pspec.name() {
+            "session" => params.session = value.get().expect("type checked upstream"),
+            "connect-timeout" => {
+                params.attach_timeout = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into())
+            }
+            "max-queued-frames" => {
+                params.max_queued_frames = value.get().expect("type checked upstream");
+                self.queue.set_property("max-size-buffers", params.max_queued_frames);
+            }
+            name => unreachable!("unknown property {name}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let params = self.params.lock().unwrap();
+        match pspec.name() {
+            "session" => params.session.to_value(),
+            "connect-timeout" => (params.attach_timeout.as_millis() as u32).to_value(),
+            "max-queued-frames" => params.max_queued_frames.to_value(),
+            "stats" => self.stats().to_value(),
+            name => unreachable!("unknown property {name}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let obj = self.obj();
+        *self.shared.owner.lock().unwrap() = Some(obj.upcast_ref::<gst::Element>().downgrade());
+        *self.framesrc.imp().shared.lock().unwrap() = self.shared.clone();
+        obj.add_many([self.framesrc.upcast_ref::<gst::Element>(), &self.queue, &self.tail])
+            .expect("children are added once");
+        self.framesrc.link(&self.queue).expect("framesrc links to queue");
+        self.queue.link(&self.tail).expect("queue links to tail");
+        self.ghost
+            .set_target(Some(&self.tail.static_pad("src").expect("identity has a src pad")))
+            .expect("the ghost pad targets the tail");
+        obj.add_pad(&self.ghost).expect("the ghost pad is added once");
+        obj.set_suppressed_flags(gst::ElementFlags::SOURCE | gst::ElementFlags::SINK);
+        obj.set_element_flags(gst::ElementFlags::SOURCE);
+        self.install_probes();
+    }
+}
+
+impl GstObjectImpl for ResultSrc {}
+
+impl ElementImpl for ResultSrc {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Roboflow result source",
+                "Source/Video/Network",
+                "Outputs the video a Roboflow Inference Server returns for a roboflowuploadsink session, with each frame's Workflow result as a RoboflowInferenceMeta and a roboflow-inference bus message",
+                "gst-roboflow developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            vec![gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &gst::Caps::new_empty_simple("video/x-raw")).unwrap()]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if transition == gst::StateChange::ReadyToPaused {
+            let params = self.params.lock().unwrap().clone();
+            if params.session.as_deref().is_none_or(|name| name.trim().is_empty()) {
+                gst::element_imp_error!(self, gst::LibraryError::Settings, ("property 'session': name the roboflowuploadsink session to read results from"));
+                return Err(gst::StateChangeError);
+            }
+            *self.framesrc.imp().params.lock().unwrap() = params;
+            self.reset_counters();
+        }
+        let result = self.parent_change_state(transition)?;
+        if transition == gst::StateChange::PausedToReady {
+            self.remove_decoder();
+        }
+        Ok(result)
+    }
+}
+
+impl BinImpl for ResultSrc {}
+
+impl ResultSrc {
+    fn reset_counters(&self) {
+        let counters = &self.shared.counters;
+        for counter in [
+            &counters.frames_received,
+            &counters.buffers_queued,
+            &counters.buffers_left_queue,
+            &counters.frames_pushed,
+            &counters.frames_paired,
+            &counters.frames_unpaired,
+            &counters.acks_sent,
+            &counters.max_queue_depth,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        *self.shared.pairing.lock().unwrap() = Default::default();
+    }
+
+    fn stats(&self) -> gst::Structure {
+        let counters = &self.shared.counters;
+        let queued = counters.buffers_queued.load(Ordering::Relaxed);
+        let left = counters.buffers_left_queue.load(Ordering::Relaxed);
+        let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
+        let dropped = if self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
+        gst::Structure::builder("roboflow-result-stats")
+            .field("frames-received", counters.frames_received.load(Ordering::Relaxed))
+            .field("frames-pushed", counters.frames_pushed.load(Ordering::Relaxed))
+            .field("frames-paired", counters.frames_paired.load(Ordering::Relaxed))
+            .field("frames-unpaired", counters.frames_unpaired.load(Ordering::Relaxed))
+            .field("acks-sent", counters.acks_sent.load(Ordering::Relaxed))
+            .field("max-queue-depth", counters.max_queue_depth.load(Ordering::Relaxed))
+            .field("frames-dropped", dropped)
+            .build()
+    }
+
+    fn install_probes(&self) {
+        // Frames leaving the bounded queue.
+        let counters = self.shared.counters.clone();
+        self.queue.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            counters.buffers_left_queue.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+
+        // The decoder chain follows the caps the frame source announces.
+        let weak = self.obj().downgrade();
+        self.queue.static_pad("src").unwrap().add_probe(gst::PadProbeType::EVENT_DOWNSTREAM | gst::PadProbeType::BLOCK, move |_, info| {
+            if let Some(gst::PadProbeData::Event(event)) = &info.data
+                && let gst::EventView::Caps(caps) = event.view()
+                && let Some(obj) = weak.upgrade()
+                && let Err(message) = obj.imp().plug_decoder(caps.caps())
+            {
+                gst::element_error!(obj, gst::CoreError::MissingPlugin, ("{}", message));
+                return gst::PadProbeReturn::Drop;
+            }
+            gst::PadProbeReturn::Ok
+        });
+
+        // Every frame that leaves the bin gets its JSON as a meta.
+        let shared = self.shared.clone();
+        let weak = self.obj().downgrade();
+        self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(buffer) = info.buffer_mut() {
+                let shared = &shared;
+                shared.counters.frames_pushed.fetch_add(1, Ordering::Relaxed);
+                let entry = buffer.pts().and_then(|pts| shared.pairing.lock().unwrap().take(pts.nseconds()));
+                match entry {
+                    Some((frame_id, json)) => {
+                        shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
+                        let buffer = buffer.make_mut();
+                        if let Ok(mut meta) = gst::meta::CustomMeta::add(buffer, META_NAME) {
+                            let structure = meta.mut_structure();
+                            structure.set("json", json);
+                            structure.set("frame-id", frame_id);
+                        }
+                    }
+                    None => {
+                        shared.counters.frames_unpaired.fetch_add(1, Ordering::Relaxed);
+                        if let Some(obj) = weak.upgrade() {
+                            gst::debug!(CAT, obj = obj, "no result pairs with the frame at {:?}", buffer.pts());
+                        }
+                    }
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    }
+
+    /// Inserts the decoder for `caps` between the queue and the tail.
+    fn plug_decoder(&self, caps: &gst::CapsRef) -> Result<(), String> {
+        let mut decoder = self.decoder.lock().unwrap();
+        if !decoder.is_empty() {
+            return Ok(());
+        }
+        let structure = caps.structure(0).ok_or("empty caps")?;
+        let names: &[&str] = match structure.name().as_str() {
+            "image/jpeg" => &["jpegdec"],
+            "application/x-rtp" => match structure.get::<&str>("encoding-name").unwrap_or_default() {
+                "VP8" => &["rtpvp8depay", "vp8dec"],
+                "H264" => &["rtph264depay", "h264parse", "avdec_h264"],
+                other => return Err(format!("the server's video track uses {other}, which roboflowresultsrc cannot decode (VP8 and H264 are supported)")),
+            },
+            other => return Err(format!("unexpected caps {other} from the frame source")),
+        };
+        let elements = names
+            .iter()
+            .map(|name| {
+                gst::ElementFactory::make(name).build().map_err(|_| {
+                    format!("the GStreamer element '{name}' is missing: install gstreamer1.0-plugins-good, -bad and gstreamer1.0-libav")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Track pairing tolerates half a frame; JPEG frames pair exactly.
+        let fps = structure.get::<gst::Fraction>("framerate").ok().filter(|f| f.numer() > 0);
+        self.shared.pairing.lock().unwrap().tolerance = match fps {
+            Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
+            None => 16_666_666,
+        };
+        self.set_realtime(self.shared.realtime.load(Ordering::Relaxed));
+        let obj = self.obj();
+        obj.add_many(&elements).map_err(|err| err.to_string())?;
+        self.queue.unlink(&self.tail);
+        let mut chain = vec![&self.queue];
+        chain.extend(elements.iter());
+        chain.push(&self.tail);
+        gst::Element::link_many(chain).map_err(|err| format!("linking the decoder failed: {err}"))?;
+        for element in &elements {
+            element.sync_state_with_parent().map_err(|err| err.to_string())?;
+        }
+        gst::info!(CAT, imp = self, "decoding with {}", names.join(" ! "));
+        *decoder = elements;
+        Ok(())
+    }
+
+    fn remove_decoder(&self) {
+        let elements = std::mem::take(&mut *self.decoder.lock().unwrap());
+        if elements.is_empty() {
+            return;
+        }
+        let obj = self.obj();
+        for element in &elements {
+            let _ = element.set_state(gst::State::Null);
+        }
+        let _ = obj.remove_many(&elements);
+        let _ = self.queue.link(&self.tail);
+    }
+
+    fn set_realtime(&self, realtime: bool) {
+        self.queue.set_property_from_str("leaky", if realtime { "downstream" } else { "no" });
+    }
+}

@@ -1,0 +1,2 @@
+pub mod worker;
+pub mod harness;

@@ -1,0 +1,1895 @@
+//! In-repo test worker: the server side of the Roboflow Inference Server's
+//! WebRTC worker protocol (video file upload), re-implemented for the plugin's
+//! integration tests, with fault injection.
+//!
+//! `/work/shared/PROTOCOL.md` is the authority; section numbers below refer
+//! to it. The worker owns its own tokio runtime on a background thread, so
+//! tests stay plain `#[test]` functions and never share a runtime with the
+//! plugin. Everything binds to 127.0.0.1 and every wait is bounded.
+//!
+//! What a session does, in order: answer the POST (non-trickle, ICE fully
+//! gathered), treat the channel labelled `video_upload` as the upload channel
+//! and any other channel as the control channel, reassemble the upload,
+//! decode it with GStreamer, send one result per frame on the control channel
+//! (paced by `{"ack": N}` in batch mode), send `processing_complete` once, and
+//! close the peer connection a little later.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::{IoSliceMut, Write as _};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use bytes::BytesMut;
+use flate2::{Compress, Compression, FlushCompress};
+use gst_video::prelude::*;
+use rtc::ice::mdns::MulticastDnsMode;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
+    SettingEngineBuilder,
+};
+use webrtc::runtime::{
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
+    TokioRuntime, Transmit,
+};
+
+// ---------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------
+
+/// How the worker behaves. `Default` is the faithful server without faults.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub faults: Vec<Fault>,
+    /// A slow server: the worker takes this long to read each 48 KiB upload
+    /// chunk. Implemented below the SCTP stack (see [`ThrottledSocket`]) so the
+    /// client really feels it: its sends are acknowledged at that pace, its
+    /// buffered amount rises and its `send` waits. Sleeping in the channel's
+    /// reader would not: webrtc-rs queues 256 messages per channel (12 MiB of
+    /// chunks) before it stops acknowledging.
+    pub upload_read_delay: Option<Duration>,
+    /// Largest result chunk payload, 48 KiB like the server (§5).
+    pub result_chunk_size: usize,
+    /// Only produce results for the first N frames.
+    pub max_frames: Option<u32>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            faults: Vec::new(),
+            upload_read_delay: None,
+            result_chunk_size: REFERENCE_CHUNK_SIZE,
+            max_frames: None,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.faults.push(fault);
+        self
+    }
+
+    fn has(&self, wanted: impl Fn(&Fault) -> bool) -> bool {
+        self.faults.iter().any(wanted)
+    }
+
+    fn find<T>(&self, pick: impl Fn(&Fault) -> Option<T>) -> Option<T> {
+        self.faults.iter().find_map(pick)
+    }
+}
+
+/// A deliberate deviation from the faithful server.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer the POST with this instead of an SDP answer.
+    HttpError {
+        status: u16,
+        content_type: &'static str,
+        body: String,
+    },
+    /// 200 with an answer whose `sdp` is garbage.
+    MalformedSdp,
+    /// 200 with a valid answer whose candidates point at a closed port.
+    NeverConnect,
+    /// Sleep before answering (the real server takes about 10 s).
+    DelayAnswer(Duration),
+    /// Close the `video_upload` channel after this many chunk messages.
+    CloseUploadAfterChunks(u32),
+    /// Close the peer connection once this many results are sent and
+    /// acknowledged by SCTP (so the client holds exactly that many).
+    DropPeerAfterFrames(u32),
+    /// Never send `processing_complete` and never close the session (it
+    /// still ends when the client closes the control channel).
+    NeverComplete,
+    /// Count keepalives but do not echo them.
+    NoKeepaliveEcho,
+    /// First result: `total_chunks` is 0 in its headers.
+    ResultTotalChunksZero,
+    /// First result: `total_chunks` is `u32::MAX` in its headers.
+    ResultTotalChunksHuge,
+    /// First result: sent as at least two chunks whose `total_chunks` differ.
+    ResultTotalChunksChanging,
+    /// First result: a gzip stream that inflates to 1 GiB of zeros (~1 MB on the wire).
+    GzipBomb,
+    /// First result: the payload is not JSON.
+    InvalidJson,
+    /// First result: padded to this many bytes on the wire (and as JSON).
+    OversizeFrame(usize),
+    /// Behave as if FFmpeg could not read the file: zero frames, then `processing_complete`.
+    DecodeNothing,
+}
+
+/// What the worker saw and did in one session: one per POST answered with
+/// HTTP 200 (so also for the `MalformedSdp` and `NeverConnect` faults).
+#[derive(Clone, Debug, Default)]
+pub struct SessionReport {
+    pub request: Value,
+    pub authorization: Option<String>,
+    pub channels: Vec<String>,
+    pub total_chunks: Option<u32>,
+    pub chunks_received: u32,
+    pub duplicate_chunks: u32,
+    pub header_errors: Vec<String>,
+    pub max_chunk_message_len: usize,
+    pub upload_complete: bool,
+    pub upload_bytes: u64,
+    pub upload_sha256: Option<String>,
+    pub keepalives_received: u32,
+    pub keepalives_echoed: u32,
+    pub frames_decoded: u32,
+    pub results_sent: u32,
+    pub processing_complete_sent: bool,
+    pub acks: Vec<u64>,
+    pub control_messages: Vec<String>,
+    pub closed: bool,
+}
+
+/// One POST to `/initialise_webrtc_worker`, whatever its outcome.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    /// The body parsed as JSON, or `Value::Null` when it was not JSON.
+    pub body: Value,
+    pub authorization: Option<String>,
+    pub status: u16,
+}
+
+pub struct TestWorker {
+    url: String,
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped: std::sync::mpsc::Receiver<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestWorker {
+    /// Starts the HTTP server on 127.0.0.1 (ephemeral port) with its own runtime.
+    pub fn start(config: WorkerConfig) -> TestWorker {
+        let shared = Arc::new(Shared {
+            config,
+            sessions: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("test-worker".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("test-worker-rt")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(format!("tokio runtime: {err}")));
+                        return;
+                    }
+                };
+                runtime.block_on(serve(thread_shared, ready_tx, shutdown_rx));
+                runtime.shutdown_timeout(Duration::from_secs(2));
+                let _ = stopped_tx.send(());
+            })
+            .expect("spawn the test worker thread");
+        let addr = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(err)) => panic!("test worker failed to start: {err}"),
+            Err(err) => panic!("test worker did not start within 10 s: {err}"),
+        };
+        TestWorker {
+            url: format!("http://{addr}"),
+            shared,
+            shutdown: Some(shutdown_tx),
+            stopped: stopped_rx,
+            thread: Some(thread),
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    pub fn sessions(&self) -> Vec<SessionReport> {
+        self.shared.snapshot()
+    }
+
+    /// Every POST received, including refused ones, in arrival order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until at least `n` sessions exist; returns the snapshot either way.
+    pub fn wait_for_sessions(&self, n: usize, timeout: Duration) -> Vec<SessionReport> {
+        self.wait_until(timeout, |sessions| sessions.len() >= n)
+    }
+
+    /// Waits (bounded) until `done` holds for the sessions; returns the snapshot either way.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[SessionReport]) -> bool,
+    ) -> Vec<SessionReport> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sessions = self.sessions();
+            if done(&sessions) || Instant::now() >= deadline {
+                return sessions;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        // Join only a thread known to have finished, so a stuck runtime cannot hang the test.
+        if self.stopped.recv_timeout(Duration::from_secs(8)).is_ok()
+            && let Some(thread) = self.thread.take()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Protocol constants
+// ---------------------------------------------------------------------------
+
+const REFERENCE_CHUNK_SIZE: usize = 48 * 1024;
+const UPLOAD_CHANNEL_LABEL: &str = "video_upload";
+const UPLOAD_HEADER_LEN: usize = 8;
+const KEEPALIVE_MAX_LEN: usize = 1;
+const RESULT_HEADER_LEN: usize = 12;
+/// `time_base` of the `pts` we report: like RTP video, 90 kHz.
+const PTS_CLOCK_RATE: u64 = 90_000;
+const DEFAULT_PROCESSING_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Tests never need more; it bounds every session's lifetime.
+const SESSION_LIFETIME_CAP: Duration = Duration::from_secs(900);
+const SEND_BUFFER_LIMIT: usize = 1024 * 1024;
+const ICE_GATHERING_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_BEFORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSE_LINGER: Duration = Duration::from_millis(300);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+const DECODE_TIMEOUT: Duration = Duration::from_secs(300);
+const JPEG_QUALITY: i32 = 80;
+
+// ---------------------------------------------------------------------------
+// Worker state and HTTP signalling (§2)
+// ---------------------------------------------------------------------------
+
+struct Shared {
+    config: WorkerConfig,
+    sessions: Mutex<Vec<Arc<Session>>>,
+    requests: Mutex<Vec<RequestRecord>>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Vec<SessionReport> {
+        let sessions = self.sessions.lock().unwrap().clone();
+        sessions
+            .iter()
+            .map(|s| s.report.lock().unwrap().clone())
+            .collect()
+    }
+
+    fn record_request(&self, body: &Value, authorization: &Option<String>, status: StatusCode) {
+        self.requests.lock().unwrap().push(RequestRecord {
+            body: body.clone(),
+            authorization: authorization.clone(),
+            status: status.as_u16(),
+        });
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    ready: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(listener) => listener,
+        Err(err) => {
+            let _ = ready.send(Err(format!("bind 127.0.0.1:0: {err}")));
+            return;
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            let _ = ready.send(Err(format!("local_addr: {err}")));
+            return;
+        }
+    };
+    let app = Router::new()
+        .route("/initialise_webrtc_worker", post(initialise_webrtc_worker))
+        .route("/info", get(info))
+        .with_state(shared.clone());
+    // Not a graceful shutdown: a request held by `DelayAnswer` must not delay Drop.
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let _ = ready.send(Ok(addr));
+    let _ = shutdown.await;
+    server.abort();
+
+    let sessions = shared.sessions.lock().unwrap().clone();
+    for session in &sessions {
+        session.end();
+    }
+    // Session tasks close their peer connections; give them a bounded moment.
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    while Instant::now() < deadline && !sessions.iter().all(|s| s.report.lock().unwrap().closed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn info() -> Response {
+    json_response(
+        StatusCode::OK,
+        json!({"name": "Roboflow Inference Server (test worker)", "version": "1.8.3"}),
+    )
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn missing_field(loc: &[&str]) -> Value {
+    json!({"loc": loc, "msg": "field required", "type": "value_error.missing"})
+}
+
+/// Request-shape checks the way FastAPI/pydantic reports them (422 `detail`).
+fn request_shape_errors(body: &Value) -> Vec<Value> {
+    let Some(object) = body.as_object() else {
+        return vec![
+            json!({"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}),
+        ];
+    };
+    let mut errors = Vec::new();
+    match object.get("webrtc_offer") {
+        None | Some(Value::Null) => errors.push(missing_field(&["body", "webrtc_offer"])),
+        Some(offer) => {
+            for field in ["type", "sdp"] {
+                if !offer.get(field).is_some_and(Value::is_string) {
+                    errors.push(missing_field(&["body", "webrtc_offer", field]));
+                }
+            }
+        }
+    }
+    match object.get("workflow_configuration") {
+        None | Some(Value::Null) => errors.push(missing_field(&["body", "workflow_configuration"])),
+        Some(configuration) if !configuration.is_object() => errors.push(json!({
+            "loc": ["body", "workflow_configuration"],
+            "msg": "value is not a valid dict",
+            "type": "type_error.dict",
+        })),
+        Some(_) => {}
+    }
+    errors
+}
+
+/// The server compiles the workflow before answering; a bad one is refused with 400.
+fn workflow_error(configuration: &Value) -> Option<Value> {
+    match configuration.get("workflow_specification") {
+        Some(specification) if !specification.is_null() => {
+            if specification.get("steps").is_some_and(Value::is_array) {
+                None
+            } else {
+                Some(json!({
+                    "message": "Could not parse workflow definition: `steps` must be a list of step manifests",
+                    "error_type": "WorkflowSyntaxError",
+                    "context": "workflow_compilation | workflow_definition_parsing",
+                    "inner_error_type": "ValidationError",
+                    "inner_error_message": "steps: field required",
+                    "blocks_errors": [],
+                }))
+            }
+        }
+        _ => {
+            let named = configuration
+                .get("workspace_name")
+                .is_some_and(Value::is_string)
+                && configuration
+                    .get("workflow_id")
+                    .is_some_and(Value::is_string);
+            (!named).then(|| {
+                json!({
+                    "message": "workflow_configuration needs workflow_specification, or workspace_name and workflow_id",
+                    "error_type": "InvalidInputTypeError",
+                    "blocks_errors": [],
+                })
+            })
+        }
+    }
+}
+
+async fn initialise_webrtc_worker(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    raw_body: Bytes,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let config = &shared.config;
+
+    if let Some(delay) = config.find(|f| match f {
+        Fault::DelayAnswer(d) => Some(*d),
+        _ => None,
+    }) {
+        tokio::time::sleep(delay).await;
+    }
+
+    let body: Value = match serde_json::from_slice(&raw_body) {
+        Ok(body) => body,
+        Err(err) => {
+            let status = StatusCode::UNPROCESSABLE_ENTITY;
+            shared.record_request(&Value::Null, &authorization, status);
+            return json_response(
+                status,
+                json!({"detail": [{"loc": ["body", err.column()], "msg": format!("Expecting value: {err}"), "type": "value_error.jsondecode"}]}),
+            );
+        }
+    };
+
+    let shape_errors = request_shape_errors(&body);
+    if !shape_errors.is_empty() {
+        let status = StatusCode::UNPROCESSABLE_ENTITY;
+        shared.record_request(&body, &authorization, status);
+        return json_response(status, json!({"detail": shape_errors}));
+    }
+
+    if let Some((status, content_type, text)) = config.find(|f| match f {
+        Fault::HttpError {
+            status,
+            content_type,
+            body,
+        } => Some((*status, *content_type, body.clone())),
+        _ => None,
+    }) {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        shared.record_request(&body, &authorization, status);
+        return (status, [(header::CONTENT_TYPE, content_type)], text).into_response();
+    }
+
+    if let Some(error) = workflow_error(&body["workflow_configuration"]) {
+        let status = StatusCode::BAD_REQUEST;
+        shared.record_request(&body, &authorization, status);
+        return json_response(status, error);
+    }
+
+    let answer_sdp = if config.has(|f| matches!(f, Fault::MalformedSdp)) {
+        let session = Session::detached(&shared, body.clone(), authorization.clone());
+        session.report.lock().unwrap().closed = true;
+        "this is not an SDP answer\r\n".to_owned()
+    } else {
+        match open_session(&shared, body.clone(), authorization.clone()).await {
+            Ok(sdp) => sdp,
+            Err(err) => {
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                shared.record_request(&body, &authorization, status);
+                return json_response(
+                    status,
+                    json!({"message": format!("test worker could not answer the offer: {err}"), "error_type": "WebRTCConfigurationError"}),
+                );
+            }
+        }
+    };
+
+    shared.record_request(&body, &authorization, StatusCode::OK);
+    json_response(
+        StatusCode::OK,
+        json!({
+            "status": "success",
+            "context": {"request_id": new_request_id(), "pipeline_id": null},
+            "sdp": answer_sdp,
+            "type": "answer",
+        }),
+    )
+}
+
+fn new_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{nanos:016x}{count:016x}")
+}
+
+// ---------------------------------------------------------------------------
+// Peer connection set-up
+// ---------------------------------------------------------------------------
+
+enum PeerEvent {
+    DataChannel(Arc<dyn DataChannel>),
+    State(RTCPeerConnectionState),
+}
+
+/// Callbacks run on the connection's driver: only hand events on, never wait.
+struct PeerEvents {
+    events: mpsc::UnboundedSender<PeerEvent>,
+    gathering_complete: watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for PeerEvents {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathering_complete.send_replace(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.events.send(PeerEvent::State(state));
+    }
+
+    async fn on_data_channel(&self, data_channel: Arc<dyn DataChannel>) {
+        let _ = self.events.send(PeerEvent::DataChannel(data_channel));
+    }
+}
+
+/// Answers the offer in `request` and starts the session; returns the answer SDP.
+async fn open_session(
+    shared: &Arc<Shared>,
+    request: Value,
+    authorization: Option<String>,
+) -> Result<String, String> {
+    let offer_sdp = request["webrtc_offer"]["sdp"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| format!("offer: {e}"))?;
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (gathered_tx, mut gathered_rx) = watch::channel(false);
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_default_codecs()
+        .map_err(|e| format!("codecs: {e}"))?;
+    let setting_engine = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .build();
+    let mut builder = PeerConnectionBuilder::new();
+    if let Some(delay) = shared.config.upload_read_delay {
+        builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(delay)));
+    }
+    let peer = builder
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_setting_engine(setting_engine)
+        .with_handler(Arc::new(PeerEvents {
+            events: events_tx,
+            gathering_complete: gathered_tx,
+        }))
+        .with_udp_addrs(vec!["127.0.0.1:0".to_string()])
+        .with_data_channel_send_buffer_limit(SEND_BUFFER_LIMIT)
+        .build()
+        .await
+        .map_err(|e| format!("peer connection: {e}"))?;
+    let peer: Arc<dyn PeerConnection> = Arc::new(peer);
+
+    let answered = async {
+        peer.set_remote_description(offer)
+            .await
+            .map_err(|e| format!("set_remote_description: {e}"))?;
+        let answer = peer
+            .create_answer(None)
+            .await
+            .map_err(|e| format!("create_answer: {e}"))?;
+        peer.set_local_description(answer)
+            .await
+            .map_err(|e| format!("set_local_description: {e}"))?;
+        tokio::time::timeout(ICE_GATHERING_TIMEOUT, gathered_rx.wait_for(|done| *done))
+            .await
+            .map_err(|_| {
+                format!("ICE gathering did not complete within {ICE_GATHERING_TIMEOUT:?}")
+            })?
+            .map_err(|_| "ICE gathering state lost".to_owned())?;
+        peer.local_description()
+            .await
+            .map(|description| description.sdp)
+            .ok_or_else(|| "no local description".to_owned())
+    }
+    .await;
+    let answer_sdp = match answered {
+        Ok(sdp) => sdp,
+        Err(err) => {
+            close_peer(&peer).await;
+            return Err(err);
+        }
+    };
+
+    if shared.config.has(|f| matches!(f, Fault::NeverConnect)) {
+        // The real connection is closed at once, otherwise its own checks
+        // towards the client would create peer-reflexive candidates.
+        close_peer(&peer).await;
+        let session = Session::detached(shared, request, authorization);
+        session.report.lock().unwrap().closed = true;
+        return Ok(point_candidates_at_closed_port(&answer_sdp));
+    }
+
+    let session = Session::new(shared, request, authorization, Some(peer));
+    tokio::spawn(run_session(session, events_rx));
+    Ok(answer_sdp)
+}
+
+async fn close_peer(peer: &Arc<dyn PeerConnection>) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await;
+}
+
+fn point_candidates_at_closed_port(sdp: &str) -> String {
+    let closed_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or(9);
+    sdp.split("\r\n")
+        .map(|line| {
+            let Some(candidate) = line.strip_prefix("a=candidate:") else {
+                return line.to_owned();
+            };
+            // foundation component transport priority address port typ ...
+            let mut fields: Vec<String> = candidate.split(' ').map(str::to_owned).collect();
+            if fields.len() > 5 {
+                fields[5] = closed_port.to_string();
+            }
+            format!("a=candidate:{}", fields.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+// ---------------------------------------------------------------------------
+// Session
+// ---------------------------------------------------------------------------
+
+/// Which outputs the client asked for (§2), changeable mid-session (§7).
+#[derive(Clone, Debug, Default)]
+struct Outputs {
+    data_output: Option<Vec<String>>,
+    stream_output: Option<Vec<String>>,
+}
+
+impl Outputs {
+    fn from_request(request: &Value) -> Outputs {
+        Outputs {
+            data_output: string_list(&request["data_output"]),
+            stream_output: string_list(&request["stream_output"]),
+        }
+    }
+
+    /// Gzip whenever data outputs are requested (§5).
+    fn gzipped(&self) -> bool {
+        self.data_output
+            .as_ref()
+            .is_some_and(|names| !names.is_empty())
+    }
+
+    fn is_image_output(&self, name: &str) -> bool {
+        name == "image"
+            || name == "blurred"
+            || name.ends_with("_image")
+            || self
+                .stream_output
+                .as_ref()
+                .is_some_and(|names| names.iter().any(|n| n == name))
+    }
+
+    fn wants_image(&self) -> bool {
+        self.data_output.as_ref().is_some_and(|names| {
+            names
+                .iter()
+                .any(|name| name != "*" && self.is_image_output(name))
+        })
+    }
+}
+
+fn string_list(value: &Value) -> Option<Vec<String>> {
+    value.as_array().map(|items| {
+        items
+            .iter()
+            .filter_map(|item| item.as_str().map(str::to_owned))
+            .collect()
+    })
+}
+
+struct Session {
+    config: WorkerConfig,
+    report: Mutex<SessionReport>,
+    peer: Option<Arc<dyn PeerConnection>>,
+    realtime: bool,
+    outputs: Mutex<Outputs>,
+    /// The first channel not labelled `video_upload`: results go there.
+    control: Mutex<Option<Arc<dyn DataChannel>>>,
+    /// Highest `{"ack": N}` so far; `None` until the first ack (§7).
+    acked: watch::Sender<Option<u64>>,
+    ended: watch::Sender<bool>,
+    deadline: tokio::time::Instant,
+    processing_started: AtomicBool,
+    /// `declared_fps` from the request, reported instead of the file's rate.
+    declared_fps: Option<f64>,
+}
+
+impl Session {
+    fn new(
+        shared: &Arc<Shared>,
+        request: Value,
+        authorization: Option<String>,
+        peer: Option<Arc<dyn PeerConnection>>,
+    ) -> Arc<Session> {
+        let realtime = request["webrtc_realtime_processing"]
+            .as_bool()
+            .unwrap_or(true);
+        let declared_fps = request["declared_fps"].as_f64();
+        let lifetime = request["processing_timeout"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_PROCESSING_TIMEOUT)
+            .min(SESSION_LIFETIME_CAP);
+        let session = Arc::new(Session {
+            config: shared.config.clone(),
+            outputs: Mutex::new(Outputs::from_request(&request)),
+            report: Mutex::new(SessionReport {
+                request,
+                authorization,
+                ..SessionReport::default()
+            }),
+            peer,
+            realtime,
+            control: Mutex::new(None),
+            acked: watch::Sender::new(None),
+            ended: watch::Sender::new(false),
+            deadline: tokio::time::Instant::now() + lifetime,
+            processing_started: AtomicBool::new(false),
+            declared_fps,
+        });
+        shared.sessions.lock().unwrap().push(session.clone());
+        session
+    }
+
+    /// A session that never gets a live peer connection (faults that break signalling).
+    fn detached(
+        shared: &Arc<Shared>,
+        request: Value,
+        authorization: Option<String>,
+    ) -> Arc<Session> {
+        Session::new(shared, request, authorization, None)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut SessionReport)) {
+        change(&mut self.report.lock().unwrap());
+    }
+
+    /// Asks the session task to close the peer connection and stop.
+    fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    fn is_ended(&self) -> bool {
+        *self.ended.borrow()
+    }
+
+    /// Resolves once the session is ended or past its deadline.
+    async fn until_ended(&self) {
+        let mut ended = self.ended.subscribe();
+        tokio::select! {
+            _ = ended.wait_for(|ended| *ended) => {}
+            _ = tokio::time::sleep_until(self.deadline) => {}
+        }
+    }
+
+    fn control_channel(&self) -> Option<Arc<dyn DataChannel>> {
+        self.control.lock().unwrap().clone()
+    }
+}
+
+async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<PeerEvent>) {
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = session.until_ended() => break,
+        };
+        match event {
+            None => break,
+            Some(PeerEvent::DataChannel(channel)) => attach_channel(&session, channel).await,
+            Some(PeerEvent::State(
+                RTCPeerConnectionState::Closed | RTCPeerConnectionState::Failed,
+            )) => {
+                break;
+            }
+            Some(PeerEvent::State(_)) => {}
+        }
+    }
+    session.end();
+    if let Some(peer) = &session.peer {
+        close_peer(peer).await;
+    }
+    session.update(|report| report.closed = true);
+}
+
+async fn attach_channel(session: &Arc<Session>, channel: Arc<dyn DataChannel>) {
+    let label = match tokio::time::timeout(Duration::from_secs(2), channel.label()).await {
+        Ok(Ok(label)) => label,
+        _ => return,
+    };
+    session.update(|report| report.channels.push(label.clone()));
+    if label == UPLOAD_CHANNEL_LABEL {
+        tokio::spawn(run_upload_channel(session.clone(), channel));
+    } else {
+        session
+            .control
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| channel.clone());
+        tokio::spawn(run_control_channel(session.clone(), channel));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Upload channel (§4)
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct UploadAssembly {
+    total_chunks: Option<u32>,
+    chunks: HashMap<u32, Bytes>,
+    bytes: u64,
+}
+
+enum ChunkOutcome {
+    Stored,
+    Duplicate,
+    Refused(String),
+}
+
+impl UploadAssembly {
+    fn accept(&mut self, message: &[u8]) -> (ChunkOutcome, Option<String>) {
+        if message.len() < UPLOAD_HEADER_LEN {
+            return (
+                ChunkOutcome::Refused(format!(
+                    "message of {} bytes is shorter than the 8-byte chunk header",
+                    message.len()
+                )),
+                None,
+            );
+        }
+        let index = u32::from_le_bytes(message[0..4].try_into().unwrap());
+        let total = u32::from_le_bytes(message[4..8].try_into().unwrap());
+        if total == 0 {
+            return (
+                ChunkOutcome::Refused(format!("chunk {index}: total_chunks is 0")),
+                None,
+            );
+        }
+        let mut warning = None;
+        let expected = *self.total_chunks.get_or_insert(total);
+        if total != expected {
+            warning = Some(format!(
+                "chunk {index}: total_chunks changed from {expected} to {total}"
+            ));
+        }
+        if index >= expected {
+            let error = format!("chunk_index {index} >= total_chunks {expected}");
+            return (ChunkOutcome::Refused(error), warning);
+        }
+        if self.chunks.contains_key(&index) {
+            return (ChunkOutcome::Duplicate, warning);
+        }
+        let payload = Bytes::copy_from_slice(&message[UPLOAD_HEADER_LEN..]);
+        self.bytes += payload.len() as u64;
+        self.chunks.insert(index, payload);
+        (ChunkOutcome::Stored, warning)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.total_chunks
+            .is_some_and(|total| self.chunks.len() as u64 == u64::from(total))
+    }
+
+    fn file(&mut self) -> Vec<u8> {
+        let total = self.total_chunks.unwrap_or(0);
+        let mut file = Vec::with_capacity(self.bytes as usize);
+        for index in 0..total {
+            if let Some(chunk) = self.chunks.remove(&index) {
+                file.extend_from_slice(&chunk);
+            }
+        }
+        file
+    }
+}
+
+async fn run_upload_channel(session: Arc<Session>, channel: Arc<dyn DataChannel>) {
+    let close_after = session.config.find(|f| match f {
+        Fault::CloseUploadAfterChunks(n) => Some(*n),
+        _ => None,
+    });
+    let echo_keepalives = !session.config.has(|f| matches!(f, Fault::NoKeepaliveEcho));
+    let mut assembly = UploadAssembly::default();
+    let mut chunk_messages = 0u32;
+    let mut closed_by_us = false;
+    loop {
+        let event = tokio::select! {
+            event = channel.poll() => event,
+            _ = session.until_ended() => break,
+        };
+        let message = match event {
+            None | Some(DataChannelEvent::OnClose) => break,
+            Some(DataChannelEvent::OnMessage(message)) => message,
+            Some(_) => continue,
+        };
+        if message.data.len() <= KEEPALIVE_MAX_LEN {
+            session.update(|report| report.keepalives_received += 1);
+            if echo_keepalives && channel.send(message.data.clone()).await.is_ok() {
+                session.update(|report| report.keepalives_echoed += 1);
+            }
+            continue;
+        }
+        if closed_by_us {
+            continue;
+        }
+        chunk_messages += 1;
+        let (outcome, warning) = assembly.accept(&message.data);
+        let complete = assembly.is_complete();
+        session.update(|report| {
+            report.max_chunk_message_len = report.max_chunk_message_len.max(message.data.len());
+            report.total_chunks = assembly.total_chunks;
+            report.upload_bytes = assembly.bytes;
+            report.header_errors.extend(warning);
+            match outcome {
+                ChunkOutcome::Stored => report.chunks_received += 1,
+                ChunkOutcome::Duplicate => report.duplicate_chunks += 1,
+                ChunkOutcome::Refused(error) => report.header_errors.push(error),
+            }
+        });
+        if complete && !session.processing_started.swap(true, Ordering::SeqCst) {
+            tokio::spawn(process_upload(session.clone(), assembly.file()));
+        }
+        if close_after.is_some_and(|n| chunk_messages >= n) {
+            let _ = channel.close().await;
+            closed_by_us = true;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Control channel (§7)
+// ---------------------------------------------------------------------------
+
+/// Results can no longer be delivered once the control channel closes (the
+/// client went away), so that ends the session.
+async fn run_control_channel(session: Arc<Session>, channel: Arc<dyn DataChannel>) {
+    loop {
+        let event = tokio::select! {
+            event = channel.poll() => event,
+            _ = session.until_ended() => return,
+        };
+        let message = match event {
+            None | Some(DataChannelEvent::OnClose) => {
+                let is_results_channel = session
+                    .control_channel()
+                    .is_some_and(|control| control.id() == channel.id());
+                if is_results_channel {
+                    session.end();
+                }
+                return;
+            }
+            Some(DataChannelEvent::OnMessage(message)) => message,
+            Some(_) => continue,
+        };
+        let text = String::from_utf8_lossy(&message.data).into_owned();
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        let ack = parsed
+            .as_ref()
+            .and_then(|value| value.get("ack"))
+            .and_then(Value::as_u64);
+        if let Some(value) = &parsed {
+            let mut outputs = session.outputs.lock().unwrap();
+            if let Some(names) = value.get("data_output") {
+                outputs.data_output = string_list(names);
+            }
+            if let Some(names) = value.get("stream_output") {
+                outputs.stream_output = string_list(names);
+            }
+        }
+        session.update(|report| {
+            if message.is_string {
+                report.control_messages.push(text);
+            }
+            report.acks.extend(ack);
+        });
+        if let Some(ack) = ack {
+            session
+                .acked
+                .send_modify(|highest| *highest = Some(highest.map_or(ack, |h| h.max(ack))));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processing and results (§5)
+// ---------------------------------------------------------------------------
+
+/// One decoded frame, reduced to what the results need.
+struct DecodedFrame {
+    pts_ns: Option<u64>,
+    width: u32,
+    height: u32,
+    fps: Option<f64>,
+    mean_rgb: [u8; 3],
+    jpeg: Option<Vec<u8>>,
+}
+
+async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
+    let stored =
+        tokio::task::spawn_blocking(move || -> Result<(tempfile::TempPath, String), String> {
+            let sha256 = hex(&Sha256::digest(&file));
+            let mut temp = tempfile::Builder::new()
+                .prefix("roboflow-test-upload-")
+                .tempfile()
+                .map_err(|e| e.to_string())?;
+            temp.write_all(&file).map_err(|e| e.to_string())?;
+            temp.flush().map_err(|e| e.to_string())?;
+            Ok((temp.into_temp_path(), sha256))
+        })
+        .await;
+    let Ok(Ok((path, sha256))) = stored else {
+        session.end();
+        return;
+    };
+    session.update(|report| {
+        report.upload_complete = true;
+        report.upload_sha256 = Some(sha256);
+    });
+
+    // Capacity 1: the decoder runs at most a frame ahead, as acks pace the sender.
+    let (frames_tx, mut frames_rx) = mpsc::channel::<DecodedFrame>(1);
+    if session.config.has(|f| matches!(f, Fault::DecodeNothing)) {
+        drop(frames_tx);
+        drop(path);
+    } else {
+        let decoder_session = session.clone();
+        let limit = session.config.max_frames;
+        tokio::task::spawn_blocking(move || {
+            let wants_jpeg = || decoder_session.outputs.lock().unwrap().wants_image();
+            let _ = decode_video(&path, &frames_tx, wants_jpeg, limit);
+            drop(path);
+        });
+    }
+
+    let mut last_frame_id = 0u32;
+    loop {
+        let frame = tokio::select! {
+            frame = frames_rx.recv() => frame,
+            _ = session.until_ended() => return,
+        };
+        let Some(frame) = frame else { break };
+        let frame_id = last_frame_id + 1;
+        last_frame_id = frame_id;
+        session.update(|report| report.frames_decoded += 1);
+        if !wait_for_ack_window(&session, frame_id).await {
+            return;
+        }
+        let Some(control) = session.control_channel() else {
+            continue;
+        };
+        let outputs = session.outputs.lock().unwrap().clone();
+        let messages = frame_messages(&session, &outputs, frame_id, &frame);
+        if !send_all(&control, messages).await {
+            session.end();
+            return;
+        }
+        session.update(|report| report.results_sent += 1);
+        let dropped = session.config.find(|f| match f {
+            Fault::DropPeerAfterFrames(n) => Some(*n),
+            _ => None,
+        });
+        if dropped.is_some_and(|n| frame_id >= n) {
+            // Delivered first, so the client deterministically holds N results.
+            wait_drained(&control).await;
+            session.end();
+            return;
+        }
+    }
+
+    if session.config.has(|f| matches!(f, Fault::NeverComplete)) {
+        return;
+    }
+    if let Some(control) = session.control_channel() {
+        let outputs = session.outputs.lock().unwrap().clone();
+        let message = json!({
+            "serialized_output_data": null,
+            "video_metadata": null,
+            "errors": [],
+            "processing_complete": true,
+            "termination_reason": "end_of_stream",
+        });
+        let payload = encode_payload(
+            message.to_string().into_bytes(),
+            outputs.gzipped(),
+            Compression::fast(),
+        );
+        let messages = split_result(
+            last_frame_id + 1,
+            &payload,
+            session.config.result_chunk_size,
+            None,
+        );
+        if send_all(&control, messages).await {
+            session.update(|report| report.processing_complete_sent = true);
+        }
+        wait_drained(&control).await;
+    }
+    tokio::time::sleep(CLOSE_LINGER).await;
+    session.end();
+}
+
+/// Batch mode (§7): once acks have started, frame K waits for ack >= K - 1.
+/// Returns false when the session ended while waiting.
+async fn wait_for_ack_window(session: &Session, frame_id: u32) -> bool {
+    if session.realtime {
+        return true;
+    }
+    let mut acked = session.acked.subscribe();
+    let allowed = |highest: &Option<u64>| match highest {
+        None => true,
+        Some(n) => u64::from(frame_id) <= n + 1,
+    };
+    tokio::select! {
+        result = acked.wait_for(allowed) => result.is_ok(),
+        _ = session.until_ended() => false,
+    }
+}
+
+async fn send_all(channel: &Arc<dyn DataChannel>, messages: Vec<BytesMut>) -> bool {
+    for message in messages {
+        if channel.send(message).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Lets the client receive everything before the connection is closed.
+async fn wait_drained(channel: &Arc<dyn DataChannel>) {
+    let deadline = Instant::now() + DRAIN_BEFORE_CLOSE_TIMEOUT;
+    while Instant::now() < deadline {
+        match channel.outstanding_bytes().await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+fn video_metadata(frame_id: u32, frame: &DecodedFrame, declared_fps: Option<f64>) -> Value {
+    let fps = frame.fps.unwrap_or(30.0);
+    let pts = frame
+        .pts_ns
+        .map(|ns| {
+            ((u128::from(ns) * u128::from(PTS_CLOCK_RATE) + 500_000_000) / 1_000_000_000) as u64
+        })
+        .unwrap_or(0);
+    json!({
+        "frame_id": frame_id,
+        "received_at": iso_time_now(),
+        "pts": pts,
+        "time_base": 1.0 / PTS_CLOCK_RATE as f64,
+        "declared_fps": declared_fps.unwrap_or(fps),
+        "measured_fps": fps,
+        "width": frame.width,
+        "height": frame.height,
+    })
+}
+
+fn serialized_output_data(outputs: &Outputs, frame: &DecodedFrame, metadata: &Value) -> Value {
+    let Some(names) = outputs
+        .data_output
+        .as_ref()
+        .filter(|names| !names.is_empty())
+    else {
+        return Value::Null;
+    };
+    let color = json!(frame.mean_rgb);
+    let mut data = serde_json::Map::new();
+    for name in names {
+        if name == "*" {
+            data.insert("rgb_color".into(), color.clone());
+        } else if outputs.is_image_output(name) {
+            let value = match &frame.jpeg {
+                Some(jpeg) => json!({
+                    "type": "base64",
+                    "value": base64::engine::general_purpose::STANDARD.encode(jpeg),
+                    "video_metadata": metadata,
+                }),
+                None => Value::Null,
+            };
+            data.insert(name.clone(), value);
+        } else {
+            data.insert(name.clone(), color.clone());
+        }
+    }
+    Value::Object(data)
+}
+
+#[derive(Clone, Copy)]
+enum HeaderFault {
+    Zero,
+    Huge,
+    Changing,
+}
+
+/// The chunk messages of one frame's result, with first-frame faults applied.
+fn frame_messages(
+    session: &Session,
+    outputs: &Outputs,
+    frame_id: u32,
+    frame: &DecodedFrame,
+) -> Vec<BytesMut> {
+    let config = &session.config;
+    let metadata = video_metadata(frame_id, frame, session.declared_fps);
+    let result = json!({
+        "serialized_output_data": serialized_output_data(outputs, frame, &metadata),
+        "video_metadata": metadata,
+        "errors": [],
+        "processing_complete": false,
+        "termination_reason": null,
+    });
+    let first = frame_id == 1;
+    let mut json_bytes = result.to_string().into_bytes();
+    let mut level = Compression::fast();
+    if first && config.has(|f| matches!(f, Fault::InvalidJson)) {
+        json_bytes = b"{\"serialized_output_data\": this is not JSON".to_vec();
+    }
+    let oversize = config.find(|f| match f {
+        Fault::OversizeFrame(n) => Some(*n),
+        _ => None,
+    });
+    if first && let Some(size) = oversize {
+        json_bytes = padded_json(result, size);
+        // Stored deflate blocks: the wire size stays close to the JSON size.
+        level = Compression::none();
+    }
+    let mut payload = encode_payload(json_bytes, outputs.gzipped(), level);
+    if first && config.has(|f| matches!(f, Fault::GzipBomb)) {
+        payload = gzip_bomb().to_vec();
+    }
+    let header_fault = if !first {
+        None
+    } else if config.has(|f| matches!(f, Fault::ResultTotalChunksZero)) {
+        Some(HeaderFault::Zero)
+    } else if config.has(|f| matches!(f, Fault::ResultTotalChunksHuge)) {
+        Some(HeaderFault::Huge)
+    } else if config.has(|f| matches!(f, Fault::ResultTotalChunksChanging)) {
+        Some(HeaderFault::Changing)
+    } else {
+        None
+    };
+    split_result(frame_id, &payload, config.result_chunk_size, header_fault)
+}
+
+fn encode_payload(json_bytes: Vec<u8>, gzipped: bool, level: Compression) -> Vec<u8> {
+    if !gzipped {
+        return json_bytes;
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+    encoder.write_all(&json_bytes).expect("gzip into memory");
+    encoder.finish().expect("gzip into memory")
+}
+
+/// The result with a `padding` field of incompressible text so the JSON is `size` bytes.
+fn padded_json(mut result: Value, size: usize) -> Vec<u8> {
+    result["padding"] = Value::String(String::new());
+    let base = result.to_string().len();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let padding: String = (0..size.saturating_sub(base))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            alphabet[(state % 64) as usize] as char
+        })
+        .collect();
+    result["padding"] = Value::String(padding);
+    result.to_string().into_bytes()
+}
+
+/// Splits a payload into `[frame_id][chunk_index][total_chunks]` + at most `chunk_size` bytes.
+fn split_result(
+    frame_id: u32,
+    payload: &[u8],
+    chunk_size: usize,
+    fault: Option<HeaderFault>,
+) -> Vec<BytesMut> {
+    let chunk_size = chunk_size.max(1);
+    let mut pieces: Vec<&[u8]> = if payload.is_empty() {
+        vec![payload]
+    } else {
+        payload.chunks(chunk_size).collect()
+    };
+    if matches!(fault, Some(HeaderFault::Changing)) && pieces.len() == 1 && payload.len() >= 2 {
+        let (head, tail) = payload.split_at(payload.len() / 2);
+        pieces = vec![head, tail];
+    }
+    let real_total = pieces.len() as u32;
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(index, piece)| {
+            let total = match fault {
+                None => real_total,
+                Some(HeaderFault::Zero) => 0,
+                Some(HeaderFault::Huge) => u32::MAX,
+                Some(HeaderFault::Changing) if index == 0 => real_total,
+                Some(HeaderFault::Changing) => real_total + 1,
+            };
+            let mut message = BytesMut::with_capacity(RESULT_HEADER_LEN + piece.len());
+            message.extend_from_slice(&frame_id.to_le_bytes());
+            message.extend_from_slice(&(index as u32).to_le_bytes());
+            message.extend_from_slice(&total.to_le_bytes());
+            message.extend_from_slice(piece);
+            message
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Decoding with GStreamer (stands in for the server's PyAV)
+// ---------------------------------------------------------------------------
+
+/// Decodes `path`, sending each frame to `frames` (blocking). Stops at `limit`
+/// frames, at end of stream, on error (a file FFmpeg cannot read gives zero
+/// frames, §4), or when the receiver is gone.
+fn decode_video(
+    path: &Path,
+    frames: &mpsc::Sender<DecodedFrame>,
+    wants_jpeg: impl Fn() -> bool,
+    limit: Option<u32>,
+) -> Result<u32, String> {
+    gst::init().map_err(|e| e.to_string())?;
+    let pipeline = gst::parse::launch(
+        "filesrc name=src ! decodebin ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false max-buffers=2",
+    )
+    .map_err(|e| e.to_string())?
+    .downcast::<gst::Pipeline>()
+    .map_err(|_| "not a pipeline".to_owned())?;
+    let source = pipeline.by_name("src").ok_or("no filesrc")?;
+    source.set_property("location", path.to_str().ok_or("temp path is not UTF-8")?);
+    let sink = pipeline
+        .by_name("sink")
+        .ok_or("no appsink")?
+        .downcast::<gst_app::AppSink>()
+        .map_err(|_| "not an appsink".to_owned())?;
+    let bus = pipeline.bus().ok_or("no bus")?;
+
+    let result = (|| {
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|e| e.to_string())?;
+        let mut encoder: Option<JpegEncoder> = None;
+        let mut count = 0u32;
+        let deadline = Instant::now() + DECODE_TIMEOUT;
+        while Instant::now() < deadline && limit.is_none_or(|limit| count < limit) {
+            if let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
+                let jpeg = if wants_jpeg() {
+                    let encoder = match &mut encoder {
+                        Some(encoder) => encoder,
+                        None => encoder.insert(JpegEncoder::new()?),
+                    };
+                    Some(encoder.encode(&sample)?)
+                } else {
+                    None
+                };
+                let frame = summarize_frame(&sample, jpeg)?;
+                if frames.blocking_send(frame).is_err() {
+                    break;
+                }
+                count += 1;
+                continue;
+            }
+            if sink.is_eos() {
+                break;
+            }
+            if let Some(message) = bus.pop_filtered(&[gst::MessageType::Error])
+                && let gst::MessageView::Error(error) = message.view()
+            {
+                return Err(format!("decode error: {}", error.error()));
+            }
+        }
+        Ok(count)
+    })();
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}
+
+fn summarize_frame(sample: &gst::Sample, jpeg: Option<Vec<u8>>) -> Result<DecodedFrame, String> {
+    let caps = sample.caps().ok_or("sample without caps")?;
+    let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| e.to_string())?;
+    let buffer = sample.buffer().ok_or("sample without buffer")?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info)
+        .map_err(|_| "map video frame".to_owned())?;
+    let data = frame.plane_data(0).map_err(|e| e.to_string())?;
+    let stride = frame.plane_stride()[0] as usize;
+    let (width, height) = (info.width() as usize, info.height() as usize);
+    // A 1-in-4 grid is plenty for a mean colour and keeps debug builds fast.
+    const STEP: usize = 4;
+    let mut sums = [0u64; 3];
+    let mut pixels = 0u64;
+    for row in (0..height).step_by(STEP) {
+        let line = &data[row * stride..row * stride + width * 3];
+        for pixel in line.chunks_exact(3).step_by(STEP) {
+            sums[0] += u64::from(pixel[0]);
+            sums[1] += u64::from(pixel[1]);
+            sums[2] += u64::from(pixel[2]);
+            pixels += 1;
+        }
+    }
+    let pixels = pixels.max(1);
+    let fps = info.fps();
+    Ok(DecodedFrame {
+        pts_ns: buffer.pts().map(|pts| pts.nseconds()),
+        width: info.width(),
+        height: info.height(),
+        fps: (fps.numer() > 0 && fps.denom() > 0)
+            .then(|| f64::from(fps.numer()) / f64::from(fps.denom())),
+        mean_rgb: sums.map(|sum| (sum / pixels) as u8),
+        jpeg,
+    })
+}
+
+/// `appsrc ! jpegenc ! appsink`, one JPEG out per frame in.
+struct JpegEncoder {
+    pipeline: gst::Pipeline,
+    source: gst_app::AppSrc,
+    sink: gst_app::AppSink,
+}
+
+impl JpegEncoder {
+    fn new() -> Result<JpegEncoder, String> {
+        let pipeline = gst::parse::launch(&format!(
+            "appsrc name=src format=time ! videoconvert ! jpegenc quality={JPEG_QUALITY} ! appsink name=sink sync=false"
+        ))
+        .map_err(|e| e.to_string())?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| "not a pipeline".to_owned())?;
+        let source = pipeline
+            .by_name("src")
+            .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+            .ok_or("no appsrc")?;
+        let sink = pipeline
+            .by_name("sink")
+            .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+            .ok_or("no appsink")?;
+        pipeline
+            .set_state(gst::State::Playing)
+            .map_err(|e| e.to_string())?;
+        Ok(JpegEncoder {
+            pipeline,
+            source,
+            sink,
+        })
+    }
+
+    fn encode(&mut self, sample: &gst::Sample) -> Result<Vec<u8>, String> {
+        self.source
+            .push_sample(sample)
+            .map_err(|e| format!("jpegenc push: {e}"))?;
+        let encoded = self
+            .sink
+            .try_pull_sample(gst::ClockTime::from_seconds(10))
+            .ok_or("jpegenc produced nothing within 10 s")?;
+        let buffer = encoded.buffer().ok_or("jpeg sample without buffer")?;
+        let map = buffer.map_readable().map_err(|e| e.to_string())?;
+        Ok(map.as_slice().to_vec())
+    }
+}
+
+impl Drop for JpegEncoder {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A slow server: throttled inbound datagrams
+// ---------------------------------------------------------------------------
+
+/// The tokio runtime, except that UDP sockets deliver DTLS datagrams (which
+/// carry SCTP) at a limited rate.
+#[derive(Debug)]
+struct ThrottledRuntime {
+    inner: TokioRuntime,
+    time_per_byte: Duration,
+}
+
+impl ThrottledRuntime {
+    /// One reference chunk (with its header) per `delay`.
+    fn per_chunk(delay: Duration) -> ThrottledRuntime {
+        ThrottledRuntime {
+            inner: TokioRuntime,
+            time_per_byte: delay / (REFERENCE_CHUNK_SIZE + UPLOAD_HEADER_LEN) as u32,
+        }
+    }
+}
+
+impl Runtime for ThrottledRuntime {
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
+        self.inner.spawn(future)
+    }
+
+    fn spawn_reactor(
+        &self,
+        reactor_pool_size: usize,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Box<dyn JoinHandle> {
+        self.inner.spawn_reactor(reactor_pool_size, future)
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
+        let inner = self.inner.wrap_udp_socket(socket)?;
+        Ok(Arc::new(ThrottledSocket {
+            inner,
+            time_per_byte: self.time_per_byte,
+            state: Mutex::new(ThrottleState::default()),
+        }))
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<Arc<dyn AsyncTcpListener>> {
+        self.inner.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote_addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
+        self.inner.connect_tcp(remote_addr)
+    }
+
+    fn resolve_host<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        self.inner.resolve_host(host)
+    }
+
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.inner.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
+        self.inner.interval(period)
+    }
+
+    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
+        self.inner.block_on(future)
+    }
+
+    fn yield_now(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.inner.yield_now()
+    }
+}
+
+/// Drains the kernel socket at once (nothing is dropped) into a queue, and
+/// hands DTLS datagrams to the connection no faster than `time_per_byte`.
+/// The client's SCTP data is then acknowledged at that pace, which is what
+/// a slow server looks like from the client. STUN (ICE checks and consent)
+/// is never held back.
+#[derive(Debug)]
+struct ThrottledSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    time_per_byte: Duration,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    queue: VecDeque<(Vec<u8>, RecvMeta)>,
+    next_release: Option<tokio::time::Instant>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for ThrottleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThrottleState")
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+/// Bounds one drain of the kernel socket, so a flood cannot starve the driver.
+const THROTTLE_DRAIN_BATCH: usize = 256;
+const MAX_DATAGRAM: usize = 64 * 1024;
+
+impl ThrottledSocket {
+    /// Moves whatever the kernel holds into the queue, splitting GRO batches.
+    /// Returns an error only when nothing is queued to deliver instead.
+    fn drain_kernel(
+        &self,
+        cx: &mut Context<'_>,
+        state: &mut ThrottleState,
+    ) -> Option<std::io::Error> {
+        if state.scratch.len() < MAX_DATAGRAM {
+            state.scratch.resize(MAX_DATAGRAM, 0);
+        }
+        for _ in 0..THROTTLE_DRAIN_BATCH {
+            let mut meta = [RecvMeta::default()];
+            let received = {
+                let mut bufs = [IoSliceMut::new(&mut state.scratch)];
+                self.inner.poll_recv(cx, &mut bufs, &mut meta)
+            };
+            match received {
+                Poll::Pending => return None,
+                Poll::Ready(Err(err)) => return Some(err),
+                Poll::Ready(Ok(0)) => return None,
+                Poll::Ready(Ok(_)) => {
+                    let meta = meta[0];
+                    let stride = meta.stride.max(1);
+                    for datagram in state.scratch[..meta.len].chunks(stride) {
+                        let mut single = meta;
+                        single.len = datagram.len();
+                        single.stride = datagram.len().max(1);
+                        state.queue.push_back((datagram.to_vec(), single));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+impl AsyncUdpSocket for ThrottledSocket {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmit: &Transmit<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_send(cx, transmit)
+    }
+
+    fn max_gso_segments(&self) -> usize {
+        self.inner.max_gso_segments()
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut state = self.state.lock().unwrap();
+        let error = self.drain_kernel(cx, &mut state);
+        loop {
+            if state.queue.is_empty() {
+                return match error {
+                    Some(err) => Poll::Ready(Err(err)),
+                    None => Poll::Pending,
+                };
+            }
+            let now = tokio::time::Instant::now();
+            let held_until = state.next_release.filter(|release| *release > now);
+            let next = match held_until {
+                None => Some(0),
+                Some(_) => state
+                    .queue
+                    .iter()
+                    .position(|(datagram, _)| !is_dtls(datagram)),
+            };
+            let Some(index) = next else {
+                let release = held_until.unwrap();
+                let timer = state
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(release)));
+                if timer.deadline() != release {
+                    timer.as_mut().reset(release);
+                }
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                continue;
+            };
+            let (datagram, mut datagram_meta) = state.queue.remove(index).unwrap();
+            if is_dtls(&datagram) {
+                let start = state.next_release.map_or(now, |release| release.max(now));
+                state.next_release = Some(start + self.time_per_byte * datagram.len() as u32);
+            }
+            let Some(buf) = bufs.first_mut() else {
+                return Poll::Ready(Ok(0));
+            };
+            let len = datagram.len().min(buf.len());
+            buf[..len].copy_from_slice(&datagram[..len]);
+            datagram_meta.len = len;
+            datagram_meta.stride = len.max(1);
+            meta[0] = datagram_meta;
+            return Poll::Ready(Ok(1));
+        }
+    }
+}
+
+/// RFC 7983 demultiplexing: 20-63 is DTLS (everything but STUN, 0-3, here).
+fn is_dtls(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(20..=63))
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// UTC now as ISO 8601 with microseconds, like Python's `datetime.isoformat()`.
+fn iso_time_now() -> String {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    let (year, month, day) = civil_date(seconds / 86_400);
+    let time_of_day = seconds % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        time_of_day / 3600,
+        time_of_day / 60 % 60,
+        time_of_day % 60,
+        since_epoch.subsec_micros()
+    )
+}
+
+/// Gregorian (year, month, day) of a count of days since 1970-01-01.
+fn civil_date(days_since_epoch: u64) -> (u64, u64, u64) {
+    // Count from 0000-03-01 so that the leap day ends each 4/100/400-year cycle.
+    let days = days_since_epoch + 719_468;
+    let era = days / 146_097;
+    let day_of_era = days % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+const BOMB_BLOCK: usize = 1 << 20;
+const BOMB_BLOCKS: usize = 1024;
+
+/// A single-member gzip stream of 1 GiB of zeros, about 1 MB long, built once.
+pub fn gzip_bomb() -> &'static [u8] {
+    static BOMB: OnceLock<Vec<u8>> = OnceLock::new();
+    BOMB.get_or_init(build_gzip_bomb)
+}
+
+/// Compressing 1 GiB is slow in a debug build. Each 1 MiB block of zeros,
+/// sync-flushed, compresses to the same bytes once the window is all zeros,
+/// so a few blocks are compressed and the steady one is repeated; the CRC is
+/// combined the same way.
+fn build_gzip_bomb() -> Vec<u8> {
+    let zeros = vec![0u8; BOMB_BLOCK];
+    let mut compressor = Compress::new(Compression::best(), false);
+    let mut deflate = Vec::new();
+    let mut previous: Option<Vec<u8>> = None;
+    let mut steady: Option<Vec<u8>> = None;
+    let mut blocks_done = 0;
+    while blocks_done < BOMB_BLOCKS {
+        if let Some(block) = &steady {
+            deflate.extend_from_slice(block);
+        } else {
+            let block = deflate_step(&mut compressor, &zeros, FlushCompress::Sync);
+            deflate.extend_from_slice(&block);
+            if previous.as_ref() == Some(&block) {
+                steady = Some(block);
+            } else {
+                previous = Some(block);
+            }
+        }
+        blocks_done += 1;
+    }
+    // Only ends the stream: an empty final block, whatever the compressor saw.
+    deflate.extend_from_slice(&deflate_step(&mut compressor, &[], FlushCompress::Finish));
+    let mut block_crc = flate2::Crc::new();
+    block_crc.update(&zeros);
+    let mut crc = flate2::Crc::new();
+    for _ in 0..BOMB_BLOCKS {
+        crc.combine(&block_crc);
+    }
+    let mut gzip = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    gzip.extend_from_slice(&deflate);
+    gzip.extend_from_slice(&crc.sum().to_le_bytes());
+    gzip.extend_from_slice(&((BOMB_BLOCK * BOMB_BLOCKS) as u32).to_le_bytes());
+    gzip
+}
+
+fn deflate_step(compressor: &mut Compress, input: &[u8], flush: FlushCompress) -> Vec<u8> {
+    let start = compressor.total_in();
+    let mut output = Vec::with_capacity(64 * 1024);
+    loop {
+        let consumed = (compressor.total_in() - start) as usize;
+        if output.capacity() - output.len() < 1024 {
+            output.reserve(64 * 1024);
+        }
+        let status = compressor
+            .compress_vec(&input[consumed..], &mut output, flush)
+            .expect("deflate into memory");
+        let all_in = (compressor.total_in() - start) as usize == input.len();
+        let room_left = output.capacity() - output.len() >= 1024;
+        match flush {
+            FlushCompress::Finish if status == flate2::Status::StreamEnd => return output,
+            FlushCompress::Finish => {}
+            _ if all_in && room_left => return output,
+            _ => {}
+        }
+    }
+}
