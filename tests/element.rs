@@ -7,34 +7,43 @@ use common::harness::init;
 use gst::glib;
 use gst::prelude::*;
 
-fn harness_with(properties: &[(&str, &str)]) -> gst_check::Harness {
+/// A configured sink; `async=false` because gst_harness_play() wants a
+/// synchronous state change.
+fn element_with(properties: &[(&str, &str)]) -> gst::Element {
     init();
-    let mut harness = gst_check::Harness::new("roboflowuploadsink");
-    let element = harness.element().unwrap();
+    let element = gst::ElementFactory::make("roboflowuploadsink").build().unwrap();
+    element.set_property("async", false);
     for (name, value) in properties {
-        element.set_property_from_str(name, value);
-    }
-    harness.set_src_caps_str("video/quicktime");
-    harness
-}
-
-fn first_error(harness: &gst_check::Harness) -> Option<String> {
-    let bus = gst::Bus::new();
-    let element = harness.element().unwrap();
-    element.set_bus(Some(&bus));
-    let _ = element.set_state(gst::State::Playing);
-    while let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(500)) {
-        if let gst::MessageView::Error(err) = message.view() {
-            return Some(err.error().to_string());
+        let pspec = element.find_property(name).unwrap();
+        if pspec.value_type() == glib::Type::STRING {
+            element.set_property(name, *value);
+        } else {
+            element.set_property_from_str(name, value);
         }
     }
-    None
+    element
+}
+
+/// Starts the element alone and returns the first error it posts.
+fn first_error(element: &gst::Element) -> Option<String> {
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let _ = element.set_state(gst::State::Playing);
+    let mut error = None;
+    while let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(500)) {
+        if let gst::MessageView::Error(err) = message.view() {
+            error = Some(err.error().to_string());
+            break;
+        }
+    }
+    element.set_state(gst::State::Null).unwrap();
+    error
 }
 
 #[test]
 fn missing_workflow_is_refused_naming_the_property() {
-    let harness = harness_with(&[("api-url", "http://127.0.0.1:9")]);
-    let error = first_error(&harness).expect("start fails");
+    let element = element_with(&[("api-url", "http://127.0.0.1:9")]);
+    let error = first_error(&element).expect("start fails");
     assert!(error.contains("workflow-spec"), "{error}");
 }
 
@@ -51,8 +60,8 @@ fn malformed_values_are_refused_naming_the_property() {
         if property != "workflow-spec" {
             properties.push(("workflow-spec", common::harness::WORKFLOW));
         }
-        let harness = harness_with(&properties);
-        let error = first_error(&harness).expect("start fails");
+        let element = element_with(&properties);
+        let error = first_error(&element).expect("start fails");
         assert!(error.contains(expected), "{property}={value}: {error}");
     }
 }
@@ -61,13 +70,14 @@ fn malformed_values_are_refused_naming_the_property() {
 fn empty_input_is_refused() {
     // Nothing listens on port 9: the session fails in the background, but the
     // empty input is reported first, as the user's own mistake.
-    let mut harness = harness_with(&[
+    let element = element_with(&[
         ("api-url", "http://127.0.0.1:9"),
         ("workflow-spec", common::harness::WORKFLOW),
     ]);
     let bus = gst::Bus::new();
-    harness.element().unwrap().set_bus(Some(&bus));
-    harness.play();
+    element.set_bus(Some(&bus));
+    let mut harness = gst_check::Harness::with_element(&element, Some("sink"), None);
+    harness.set_src_caps_str("video/quicktime");
     assert!(!harness.push_event(gst::event::Eos::new()));
     let mut error = None;
     while let Some(message) = bus.timed_pop(gst::ClockTime::from_seconds(2)) {

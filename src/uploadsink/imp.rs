@@ -80,17 +80,22 @@ struct Progress {
     last_percent: u64,
 }
 
+/// The upload in progress. The streaming thread takes it out of `State`
+/// while it works, so that no lock is held while it waits or posts.
+struct Job {
+    session: Arc<Session>,
+    config: SessionConfig,
+    mode: Mode,
+    /// A BYTES segment that does not start at 0 arrived before any data:
+    /// upstream will seek, so the bytes must be spooled.
+    seeking_upstream: bool,
+    progress: Progress,
+}
+
 enum State {
     Stopped,
-    Started {
-        session: Arc<Session>,
-        config: SessionConfig,
-        mode: Mode,
-        /// A BYTES segment that does not start at 0 arrived before any data:
-        /// upstream will seek, so the bytes must be spooled.
-        seeking_upstream: bool,
-        progress: Progress,
-    },
+    /// `job` is None while the streaming thread holds it.
+    Started { job: Option<Box<Job>> },
 }
 
 pub struct UploadSink {
@@ -371,23 +376,26 @@ impl BaseSinkImpl for UploadSink {
         *self.session.lock().unwrap() = Some(session.clone());
         *self.upload_mode.lock().unwrap() = "undecided";
         *self.state.lock().unwrap() = State::Started {
-            session,
-            config,
-            mode: Mode::Undecided,
-            seeking_upstream: false,
-            progress: Progress::default(),
+            job: Some(Box::new(Job {
+                session,
+                config,
+                mode: Mode::Undecided,
+                seeking_upstream: false,
+                progress: Progress::default(),
+            })),
         };
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        let previous = std::mem::replace(&mut *self.state.lock().unwrap(), State::Stopped);
-        if let State::Started { session, .. } = previous {
-            registry::unregister(&session);
+        *self.state.lock().unwrap() = State::Stopped;
+        if let Some(session) = self.session.lock().unwrap().as_ref() {
+            registry::unregister(session);
             session.close();
             gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
         }
-        // Dropping the previous state deleted any spool file.
+        // Dropping the job deleted any spool file; a job the streaming
+        // thread still holds is dropped when it gives it back.
         Ok(())
     }
 
@@ -406,12 +414,14 @@ impl BaseSinkImpl for UploadSink {
             gst::element_imp_error!(self, gst::ResourceError::Read, ("Failed to map the buffer"));
             gst::FlowError::Error
         })?;
-        let mut messages = Vec::new();
-        let outcome = {
-            let mut state = self.state.lock().unwrap();
-            self.render_locked(&mut state, &map, buffer.offset(), &mut messages)
+        let outcome = match self.take_job() {
+            Some(mut job) => {
+                let outcome = self.render_job(&mut job, &map, buffer.offset());
+                self.give_back(job);
+                outcome
+            }
+            None => Err(Stop::Flushing),
         };
-        self.post_all(messages);
         self.post_warnings();
         match outcome {
             Ok(()) => Ok(gst::FlowSuccess::Ok),
@@ -456,9 +466,18 @@ impl UploadSink {
         }
     }
 
-    fn post_all(&self, messages: Vec<gst::Message>) {
-        for message in messages {
-            let _ = self.obj().post_message(message);
+    fn take_job(&self) -> Option<Box<Job>> {
+        match &mut *self.state.lock().unwrap() {
+            State::Started { job } => job.take(),
+            State::Stopped => None,
+        }
+    }
+
+    /// Returns the job to the state, unless the element stopped meanwhile
+    /// (then the job, and any spool file, is dropped here).
+    fn give_back(&self, job: Box<Job>) {
+        if let State::Started { job: slot } = &mut *self.state.lock().unwrap() {
+            *slot = Some(job);
         }
     }
 
@@ -499,9 +518,10 @@ impl UploadSink {
         };
         let start = segment.start().map(u64::from).unwrap_or(0);
         let mut state = self.state.lock().unwrap();
-        let State::Started { mode, seeking_upstream, .. } = &mut *state else {
+        let State::Started { job: Some(job) } = &mut *state else {
             return Ok(());
         };
+        let Job { mode, seeking_upstream, .. } = &mut **job;
         match mode {
             Mode::Undecided => {
                 if start != 0 {
@@ -525,16 +545,8 @@ impl UploadSink {
         Ok(())
     }
 
-    fn render_locked(
-        &self,
-        state: &mut State,
-        data: &[u8],
-        offset: u64,
-        messages: &mut Vec<gst::Message>,
-    ) -> Result<(), Stop> {
-        let State::Started { session, config, mode, seeking_upstream, progress } = state else {
-            return Err(Stop::Flushing);
-        };
+    fn render_job(&self, job: &mut Job, data: &[u8], offset: u64) -> Result<(), Stop> {
+        let Job { session, config, mode, seeking_upstream, progress } = job;
         if matches!(mode, Mode::Undecided) {
             *mode = self.choose_mode(session, config, *seeking_upstream)?;
             *self.upload_mode.lock().unwrap() = match mode {
@@ -555,7 +567,7 @@ impl UploadSink {
                 let chunks = streamed.framer.push(data).map_err(|err| failure(format!("the upload does not match the size upstream reported: {err}")))?;
                 for chunk in chunks {
                     self.send_chunk(session, config, &streamed.upload, chunk)?;
-                    self.progress_message(session, progress, false, messages);
+                    self.progress_message(session, progress, false);
                 }
                 Ok(())
             }
@@ -668,7 +680,7 @@ impl UploadSink {
         )
     }
 
-    fn progress_message(&self, session: &Session, progress: &mut Progress, last: bool, messages: &mut Vec<gst::Message>) {
+    fn progress_message(&self, session: &Session, progress: &mut Progress, last: bool) {
         let now = Instant::now();
         let started = *progress.started.get_or_insert(now);
         let stats = session.stats();
@@ -690,28 +702,23 @@ impl UploadSink {
             .field("elapsed", gst::ClockTime::from_nseconds(now.duration_since(started).as_nanos() as u64))
             .field("final", last)
             .build();
-        messages.push(gst::message::Element::builder(structure).src(&*self.obj()).build());
+        let _ = self.obj().post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
     }
 
     /// At EOS: complete the upload, then wait for every result.
     fn finish_job(&self) -> Result<(), Stop> {
-        let (session, config) = {
-            let mut messages = Vec::new();
-            let outcome = {
-                let mut state = self.state.lock().unwrap();
-                self.finish_upload_locked(&mut state, &mut messages)
-            };
-            self.post_all(messages);
-            self.post_warnings();
-            outcome?
-        };
-        self.collect_results(&session, &config)
-    }
-
-    fn finish_upload_locked(&self, state: &mut State, messages: &mut Vec<gst::Message>) -> Result<(Arc<Session>, SessionConfig), Stop> {
-        let State::Started { session, config, mode, progress, .. } = state else {
+        let Some(mut job) = self.take_job() else {
             return Err(Stop::Flushing);
         };
+        let outcome = self.finish_upload(&mut job);
+        self.post_warnings();
+        let outcome = outcome.and_then(|()| self.collect_results(&job.session, &job.config));
+        self.give_back(job);
+        outcome
+    }
+
+    fn finish_upload(&self, job: &mut Job) -> Result<(), Stop> {
+        let Job { session, config, mode, progress, .. } = job;
         let upload = match std::mem::replace(mode, Mode::Undecided) {
             Mode::Undecided => {
                 return Err(Stop::Error(gst::error_msg!(
@@ -729,7 +736,7 @@ impl UploadSink {
                 }
                 upload
             }
-            Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress, messages)?,
+            Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress)?,
         };
         let stall = config.stall_timeout;
         self.wait(
@@ -737,8 +744,8 @@ impl UploadSink {
             || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
             session.finish_upload(upload),
         )?;
-        self.progress_message(session, progress, true, messages);
-        Ok((session.clone(), config.clone()))
+        self.progress_message(session, progress, true);
+        Ok(())
     }
 
     fn upload_spool(
@@ -747,7 +754,6 @@ impl UploadSink {
         config: &SessionConfig,
         mut spool: Spool,
         progress: &mut Progress,
-        messages: &mut Vec<gst::Message>,
     ) -> Result<Upload, Stop> {
         let size = spool.size;
         if size == 0 {
@@ -769,7 +775,7 @@ impl UploadSink {
             remaining -= want as u64;
             for chunk in framer.push(&block[..want]).map_err(|err| failure(err.to_string()))? {
                 self.send_chunk(session, config, &upload, chunk)?;
-                self.progress_message(session, progress, false, messages);
+                self.progress_message(session, progress, false);
             }
         }
         if let Some(chunk) = framer.finish().map_err(|err| failure(err.to_string()))? {
