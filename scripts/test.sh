@@ -27,4 +27,4 @@ echo "roboflowuploadsink loads: $(grep -c 'flags:' target/gst-inspect.txt) prope
 echo "== cargo test"
 # Integration tests each run a WebRTC server and GStreamer pipelines: two at a
 # time suits a 2-core machine.
-cargo test --locked --all-targets -- --test-threads=2
+cargo test --locked --all-targets --no-fail-fast -- --test-threads=2

@@ -65,10 +65,13 @@ fn an_invalid_workflow_is_refused_with_the_servers_message() {
     let worker = TestWorker::start(WorkerConfig::default());
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let spec = dir.path().join("no-steps.json");
+    std::fs::write(&spec, r#"{"version":"1.0","inputs":[],"outputs":[]}"#).unwrap();
     let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink api-url={} workflow-spec='{{\"version\":\"1.0\"}}' connect-timeout=20000",
+        "filesrc location={} ! roboflowuploadsink api-url={} workflow-spec-file={} connect-timeout=20000",
         clip.display(),
-        worker.url()
+        worker.url(),
+        spec.display()
     ));
     let outcome = run(&pipeline, Duration::from_secs(30));
     let text = outcome.error_text();
