@@ -289,6 +289,18 @@ impl FrameSrc {
         self.shared.lock().unwrap().owner.lock().unwrap().as_ref().and_then(|weak| weak.upgrade())
     }
 
+    /// Has the bin insert the decoder for `caps`, then announces them: the
+    /// decoder must be linked before downstream is asked to accept them.
+    fn announce(&self, caps: gst::Caps) -> Result<(), Stop> {
+        gst::info!(CAT, imp = self, "caps {caps}");
+        if let Some(owner) = self.owner().and_then(|owner| owner.downcast::<super::ResultSrc>().ok()) {
+            owner.imp().plug_decoder(&caps).map_err(Stop::Error)?;
+        }
+        self.obj()
+            .set_caps(&caps)
+            .map_err(|_| Stop::Error(format!("downstream of roboflowresultsrc refused the decoded form of {caps}")))
+    }
+
     fn attach(&self) -> Result<Attached, Stop> {
         let params = self.params.lock().unwrap().clone();
         let name = params
@@ -396,9 +408,7 @@ impl FrameSrc {
                 let next = if attached.ended { None } else { self.next_event(attached)? };
                 let fps = frame_rate(&attached.session, &frame, next.as_deref());
                 attached.held = next;
-                let caps = gst::Caps::builder("image/jpeg").field("framerate", fps).field("parsed", false).build();
-                gst::info!(CAT, imp = self, "caps {caps}");
-                self.obj().set_caps(&caps).map_err(|_| Stop::Error(format!("downstream refused {caps}")))?;
+                self.announce(gst::Caps::builder("image/jpeg").field("framerate", fps).build())?;
                 attached.caps_sent = true;
             }
             match self.jpeg_buffer(&frame, &output) {
@@ -512,8 +522,7 @@ impl FrameSrc {
                     .field("encoding-name", encoding.as_str())
                     .field("payload", i32::from(payload_type))
                     .build();
-                gst::info!(CAT, imp = self, "returned track caps {caps}");
-                self.obj().set_caps(&caps).map_err(|_| Stop::Error(format!("downstream refused {caps}")))?;
+                self.announce(caps)?;
                 attached.caps_sent = true;
                 Ok(None)
             }

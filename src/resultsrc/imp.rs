@@ -229,20 +229,6 @@ impl ResultSrc {
             gst::PadProbeReturn::Ok
         });
 
-        // The decoder chain follows the caps the frame source announces.
-        let weak = self.obj().downgrade();
-        self.queue.static_pad("src").unwrap().add_probe(gst::PadProbeType::EVENT_DOWNSTREAM | gst::PadProbeType::BLOCK, move |_, info| {
-            if let Some(gst::PadProbeData::Event(event)) = &info.data
-                && let gst::EventView::Caps(caps) = event.view()
-                && let Some(obj) = weak.upgrade()
-                && let Err(message) = obj.imp().plug_decoder(caps.caps())
-            {
-                gst::element_error!(obj, gst::CoreError::MissingPlugin, ("{}", message));
-                return gst::PadProbeReturn::Drop;
-            }
-            gst::PadProbeReturn::Ok
-        });
-
         // Every frame that leaves the bin gets its JSON as a meta.
         let shared = self.shared.clone();
         let weak = self.obj().downgrade();
@@ -274,7 +260,7 @@ impl ResultSrc {
     }
 
     /// Inserts the decoder for `caps` between the queue and the tail.
-    fn plug_decoder(&self, caps: &gst::CapsRef) -> Result<(), String> {
+    pub(super) fn plug_decoder(&self, caps: &gst::CapsRef) -> Result<(), String> {
         let mut decoder = self.decoder.lock().unwrap();
         if !decoder.is_empty() {
             return Ok(());

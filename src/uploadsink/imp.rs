@@ -241,6 +241,10 @@ impl ObjectImpl for UploadSink {
         self.parent_constructed();
         // A byte sink: rendering against the clock would only slow the upload.
         self.obj().set_sync(false);
+        // Nothing to preroll: a pipeline that also holds roboflowresultsrc
+        // (a live source whose data only exists after the upload) must not
+        // wait for this sink's preroll to reach PLAYING.
+        self.obj().set_async(false);
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
