@@ -116,6 +116,9 @@ struct Attached {
     track: Option<mpsc::Receiver<TrackItem>>,
     output: Output,
     acks: AckTracker,
+    /// The latest cumulative ack; one task sends them in order, skipping
+    /// values superseded before they could leave.
+    ack_tx: tokio::sync::watch::Sender<u64>,
     /// Frame whose buffer was handed to basesrc: it has entered the queue
     /// once create() is called again.
     handed_out: Option<u64>,
@@ -339,7 +342,14 @@ impl FrameSrc {
             .realtime
             .store(config.realtime_processing, Ordering::Relaxed);
         gst::info!(CAT, imp = self, "attached to session '{name}', output {output:?}");
+        let (ack_tx, ack_rx) = tokio::sync::watch::channel(0u64);
+        if !session.config().realtime_processing {
+            let sender = session.clone();
+            let counters = self.shared.lock().unwrap().counters.clone();
+            runtime::RUNTIME.spawn(send_acks(sender, ack_rx, counters));
+        }
         Ok(Attached {
+            ack_tx,
             session,
             events,
             track,
@@ -358,22 +368,25 @@ impl FrameSrc {
             return;
         }
         if let Some(ack) = attached.acks.on_frame_handled(frame_id) {
-            let session = attached.session.clone();
-            let counters = self.shared.lock().unwrap().counters.clone();
-            counters.acks_sent.fetch_add(1, Ordering::Relaxed);
-            runtime::RUNTIME.spawn(async move {
-                if let Err(message) = session.send_control(ack_message(ack)).await {
-                    gst::debug!(CAT, "ack {ack} not sent: {message}");
-                }
-            });
+            attached.ack_tx.send_replace(ack);
         }
     }
 
+    /// Called once the previous buffer has entered the bin's queue: the
+    /// queue's own level is the depth (counting buffers in and out would
+    /// race with the queue's thread).
     fn record_queue_entry(&self) {
         let counters = self.shared.lock().unwrap().counters.clone();
-        let entered = counters.buffers_queued.fetch_add(1, Ordering::Relaxed) + 1;
-        let left = counters.buffers_left_queue.load(Ordering::Relaxed);
-        counters.max_queue_depth.fetch_max(entered.saturating_sub(left), Ordering::Relaxed);
+        counters.buffers_queued.fetch_add(1, Ordering::Relaxed);
+        let level = self
+            .obj()
+            .static_pad("src")
+            .and_then(|pad| pad.peer())
+            .and_then(|peer| peer.parent_element())
+            .filter(|queue| queue.find_property("current-level-buffers").is_some())
+            .map(|queue| u64::from(queue.property::<u32>("current-level-buffers")))
+            .unwrap_or(0);
+        counters.max_queue_depth.fetch_max(level, Ordering::Relaxed);
     }
 
     fn next_buffer(&self, attached: &mut Attached) -> Result<CreateSuccess, Stop> {
@@ -539,6 +552,18 @@ impl FrameSrc {
                 Ok(Some(CreateSuccess::NewBuffer(buffer)))
             }
         }
+    }
+}
+
+/// Sends cumulative acks in order until the frame source lets go.
+async fn send_acks(session: Arc<Session>, mut acks: tokio::sync::watch::Receiver<u64>, counters: Arc<Counters>) {
+    while acks.changed().await.is_ok() {
+        let ack = *acks.borrow_and_update();
+        if let Err(message) = session.send_control(ack_message(ack)).await {
+            gst::debug!(CAT, "ack {ack} not sent: {message}");
+            return;
+        }
+        counters.acks_sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
