@@ -13,6 +13,12 @@
 //! decode it with GStreamer, send one result per frame on the control channel
 //! (paced by `{"ack": N}` in batch mode), send `processing_complete` once, and
 //! close the peer connection a little later.
+//!
+//! Video-track mode (§6): when the offer can receive video and `stream_output`
+//! is null or non-empty, the answer carries an outgoing VP8 or H.264 track.
+//! Each frame's JSON is sent first, then the frame (inverted, see
+//! [`inverted_frame`]) is encoded and its RTP packets are written with the
+//! timestamp origin + pts at 90 kHz.
 
 #![allow(dead_code)]
 
@@ -38,18 +44,30 @@ use bytes::BytesMut;
 use flate2::{Compress, Compression, FlushCompress};
 use gst_video::prelude::*;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
-    SettingEngineBuilder,
+    Registry, SettingEngineBuilder, register_default_interceptors,
 };
 use webrtc::runtime::{
     AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
     TokioRuntime, Transmit,
+};
+
+pub use super::video_track::TrackCodec;
+use super::video_track::{
+    OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame, ns_to_90k,
+    offered_video_codecs, random_u32,
 };
 
 // ---------------------------------------------------------------------------
@@ -71,6 +89,15 @@ pub struct WorkerConfig {
     pub result_chunk_size: usize,
     /// Only produce results for the first N frames.
     pub max_frames: Option<u32>,
+    /// The returned track's codec when the offer has it; else the other one (§6).
+    pub track_codec: TrackCodec,
+    /// Never hand every Nth frame (frame_id % N == 0) to the track's encoder,
+    /// as aiortc does under load: its JSON is sent, no RTP follows, and the
+    /// sequence numbers stay contiguous.
+    pub track_drop_every: Option<u32>,
+    /// A fixed RTP timestamp origin instead of a random one, e.g. just below
+    /// `u32::MAX` to make the timestamps wrap.
+    pub track_rtp_origin: Option<u32>,
 }
 
 impl Default for WorkerConfig {
@@ -80,6 +107,9 @@ impl Default for WorkerConfig {
             upload_read_delay: None,
             result_chunk_size: REFERENCE_CHUNK_SIZE,
             max_frames: None,
+            track_codec: TrackCodec::default(),
+            track_drop_every: None,
+            track_rtp_origin: None,
         }
     }
 }
@@ -163,6 +193,20 @@ pub struct SessionReport {
     pub acks: Vec<u64>,
     pub control_messages: Vec<String>,
     pub closed: bool,
+    /// The returned track's codec, e.g. `video/VP8`; `None` when no track was added.
+    pub track_codec: Option<String>,
+    /// The payload type its packets carry (the one in the answer).
+    pub track_payload_type: Option<u8>,
+    pub track_ssrc: Option<u32>,
+    /// RTP timestamp of pts 0: a frame's timestamp is this + pts at 90 kHz, mod 2^32.
+    pub rtp_origin: Option<u32>,
+    /// Frames whose RTP was written, up to and including the marker-bit packet.
+    pub track_frames_sent: u32,
+    pub track_packets_sent: u32,
+    /// Frames not handed to the encoder (`track_drop_every`).
+    pub track_frames_dropped: u32,
+    /// Encoder or write failures; the session goes on without that frame's RTP.
+    pub track_errors: Vec<String>,
 }
 
 /// One POST to `/initialise_webrtc_worker`, whatever its outcome.
@@ -299,6 +343,8 @@ const CLOSE_LINGER: Duration = Duration::from_millis(300);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const DECODE_TIMEOUT: Duration = Duration::from_secs(300);
 const JPEG_QUALITY: i32 = 80;
+/// A write only waits for the connection's driver to take the packet.
+const TRACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // Worker state and HTTP signalling (§2)
@@ -593,6 +639,11 @@ async fn open_session(
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    let offered_video = offered_video_codecs(&offer_sdp);
+    let track_format = offered_video
+        .as_deref()
+        .filter(|_| stream_output_wanted(&request))
+        .and_then(|offered| choose_track_codec(offered, shared.config.track_codec));
     let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| format!("offer: {e}"))?;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -605,6 +656,12 @@ async fn open_session(
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
     let mut builder = PeerConnectionBuilder::new();
+    if offered_video.is_some() {
+        // Sender reports and NACK handling for the video track, as aiortc has.
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine)
+            .map_err(|e| format!("interceptors: {e}"))?;
+        builder = builder.with_interceptor_registry(registry);
+    }
     if let Some(delay) = shared.config.upload_read_delay {
         builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(delay)));
     }
@@ -627,6 +684,15 @@ async fn open_session(
         peer.set_remote_description(offer)
             .await
             .map_err(|e| format!("set_remote_description: {e}"))?;
+        // Added after the offer so that it takes the offer's recvonly video
+        // section: the answer then says sendonly there.
+        let track = match &track_format {
+            Some((codec, format)) => {
+                let origin = shared.config.track_rtp_origin.unwrap_or_else(random_u32);
+                Some(add_outgoing_track(&peer, *codec, format, origin).await?)
+            }
+            None => None,
+        };
         let answer = peer
             .create_answer(None)
             .await
@@ -640,14 +706,16 @@ async fn open_session(
                 format!("ICE gathering did not complete within {ICE_GATHERING_TIMEOUT:?}")
             })?
             .map_err(|_| "ICE gathering state lost".to_owned())?;
-        peer.local_description()
+        let sdp = peer
+            .local_description()
             .await
             .map(|description| description.sdp)
-            .ok_or_else(|| "no local description".to_owned())
+            .ok_or_else(|| "no local description".to_owned())?;
+        Ok((sdp, track))
     }
     .await;
-    let answer_sdp = match answered {
-        Ok(sdp) => sdp,
+    let (answer_sdp, track) = match answered {
+        Ok(answered) => answered,
         Err(err) => {
             close_peer(&peer).await;
             return Err(err);
@@ -663,7 +731,7 @@ async fn open_session(
         return Ok(point_candidates_at_closed_port(&answer_sdp));
     }
 
-    let session = Session::new(shared, request, authorization, Some(peer));
+    let session = Session::new(shared, request, authorization, Some(peer), track);
     tokio::spawn(run_session(session, events_rx));
     Ok(answer_sdp)
 }
@@ -762,6 +830,8 @@ struct Session {
     processing_started: AtomicBool,
     /// `declared_fps` from the request, reported instead of the file's rate.
     declared_fps: Option<f64>,
+    /// The returned video track, when one was negotiated (§6).
+    track: Option<OutgoingTrack>,
 }
 
 impl Session {
@@ -770,6 +840,7 @@ impl Session {
         request: Value,
         authorization: Option<String>,
         peer: Option<Arc<dyn PeerConnection>>,
+        track: Option<OutgoingTrack>,
     ) -> Arc<Session> {
         let realtime = request["webrtc_realtime_processing"]
             .as_bool()
@@ -786,9 +857,14 @@ impl Session {
             report: Mutex::new(SessionReport {
                 request,
                 authorization,
+                track_codec: track.as_ref().map(|t| t.codec.mime_type().to_owned()),
+                track_payload_type: track.as_ref().map(|t| t.payload_type),
+                track_ssrc: track.as_ref().map(|t| t.ssrc),
+                rtp_origin: track.as_ref().map(|t| t.origin),
                 ..SessionReport::default()
             }),
             peer,
+            track,
             realtime,
             control: Mutex::new(None),
             acked: watch::Sender::new(None),
@@ -807,7 +883,7 @@ impl Session {
         request: Value,
         authorization: Option<String>,
     ) -> Arc<Session> {
-        Session::new(shared, request, authorization, None)
+        Session::new(shared, request, authorization, None, None)
     }
 
     fn update(&self, change: impl FnOnce(&mut SessionReport)) {
@@ -1071,6 +1147,8 @@ struct DecodedFrame {
     fps: Option<f64>,
     mean_rgb: [u8; 3],
     jpeg: Option<Vec<u8>>,
+    /// The stream output for the video track, when one was negotiated.
+    image: Option<gst::Sample>,
 }
 
 async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
@@ -1103,20 +1181,22 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
     } else {
         let decoder_session = session.clone();
         let limit = session.config.max_frames;
+        let track_image = session.track.is_some();
         tokio::task::spawn_blocking(move || {
             let wants_jpeg = || decoder_session.outputs.lock().unwrap().wants_image();
-            let _ = decode_video(&path, &frames_tx, wants_jpeg, limit);
+            let _ = decode_video(&path, &frames_tx, wants_jpeg, limit, track_image);
             drop(path);
         });
     }
 
     let mut last_frame_id = 0u32;
+    let mut encoder: Option<RtpEncoder> = None;
     loop {
         let frame = tokio::select! {
             frame = frames_rx.recv() => frame,
             _ = session.until_ended() => return,
         };
-        let Some(frame) = frame else { break };
+        let Some(mut frame) = frame else { break };
         let frame_id = last_frame_id + 1;
         last_frame_id = frame_id;
         session.update(|report| report.frames_decoded += 1);
@@ -1133,6 +1213,9 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
             return;
         }
         session.update(|report| report.results_sent += 1);
+        if let Some(track) = &session.track {
+            send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
+        }
         let dropped = session.config.find(|f| match f {
             Fault::DropPeerAfterFrames(n) => Some(*n),
             _ => None,
@@ -1145,6 +1228,10 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
         }
     }
 
+    if let Some(encoder) = encoder.take() {
+        // Stopping a pipeline may block briefly: not on the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || drop(encoder)).await;
+    }
     if session.config.has(|f| matches!(f, Fault::NeverComplete)) {
         return;
     }
@@ -1216,12 +1303,8 @@ async fn wait_drained(channel: &Arc<dyn DataChannel>) {
 
 fn video_metadata(frame_id: u32, frame: &DecodedFrame, declared_fps: Option<f64>) -> Value {
     let fps = frame.fps.unwrap_or(30.0);
-    let pts = frame
-        .pts_ns
-        .map(|ns| {
-            ((u128::from(ns) * u128::from(PTS_CLOCK_RATE) + 500_000_000) / 1_000_000_000) as u64
-        })
-        .unwrap_or(0);
+    // The same conversion as the track's RTP timestamps (§6).
+    let pts = frame.pts_ns.map(ns_to_90k).unwrap_or(0);
     json!({
         "frame_id": frame_id,
         "received_at": iso_time_now(),
@@ -1387,6 +1470,168 @@ fn split_result(
 }
 
 // ---------------------------------------------------------------------------
+// Returned video track (§6)
+// ---------------------------------------------------------------------------
+
+/// `stream_output` null (auto: the first image output) or absent, or naming
+/// outputs, asks for the track; `[]` refuses it (§2).
+fn stream_output_wanted(request: &Value) -> bool {
+    match &request["stream_output"] {
+        Value::Array(names) => !names.is_empty(),
+        _ => true,
+    }
+}
+
+/// The sender side of the returned track, fixed at answer time.
+struct OutgoingTrack {
+    local: Arc<TrackLocalStaticRTP>,
+    codec: TrackCodec,
+    /// As negotiated: webrtc-rs refuses packets with another one.
+    payload_type: u8,
+    /// As announced in the answer: webrtc-rs refuses packets with another one.
+    ssrc: u32,
+    origin: u32,
+}
+
+impl OutgoingTrack {
+    /// origin + pts at 90 kHz, mod 2^32 (§6); the same pts the frame's JSON reports.
+    fn rtp_timestamp(&self, pts_ns: Option<u64>) -> u32 {
+        self.origin
+            .wrapping_add(ns_to_90k(pts_ns.unwrap_or(0)) as u32)
+    }
+}
+
+async fn add_outgoing_track(
+    peer: &Arc<dyn PeerConnection>,
+    codec: TrackCodec,
+    format: &OfferedCodec,
+    origin: u32,
+) -> Result<OutgoingTrack, String> {
+    let ssrc = random_u32();
+    let rtp_codec = RTCRtpCodec {
+        mime_type: codec.mime_type().to_owned(),
+        clock_rate: VIDEO_CLOCK_RATE,
+        channels: 0,
+        sdp_fmtp_line: format.fmtp.clone(),
+        rtcp_feedback: Vec::new(),
+    };
+    let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "roboflow-test-worker".to_owned(),
+        "roboflow-test-worker-video".to_owned(),
+        "stream_output".to_owned(),
+        RtpCodecKind::Video,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            active: true,
+            // Named here so the interceptors (sender reports, NACK) bind the stream.
+            codec: rtp_codec,
+            ..Default::default()
+        }],
+    )));
+    let sender = peer
+        .add_track(local.clone() as Arc<dyn TrackLocal>)
+        .await
+        .map_err(|e| format!("add_track: {e}"))?;
+    let parameters = sender
+        .get_parameters()
+        .await
+        .map_err(|e| format!("video sender parameters: {e}"))?;
+    // The sender's codecs are the offer's, renumbered to this side's media
+    // engine (webrtc-rs), and the answer lists them with those numbers.
+    let codecs = &parameters.rtp_parameters.codecs;
+    let same_mime = |c: &&rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters| {
+        c.rtp_codec.mime_type.eq_ignore_ascii_case(codec.mime_type())
+    };
+    let payload_type = codecs
+        .iter()
+        .filter(same_mime)
+        .find(|c| c.rtp_codec.sdp_fmtp_line == format.fmtp)
+        .or_else(|| codecs.iter().find(same_mime))
+        .map(|c| c.payload_type)
+        .ok_or_else(|| format!("no negotiated payload type for {}", codec.mime_type()))?;
+    Ok(OutgoingTrack {
+        local,
+        codec,
+        payload_type,
+        ssrc,
+        origin,
+    })
+}
+
+/// Hands a frame to the track's encoder and writes its packets, after the
+/// frame's JSON is sent (as the server does). A failure is recorded and
+/// costs only this frame's video.
+async fn send_track_frame(
+    session: &Session,
+    track: &OutgoingTrack,
+    frame_id: u32,
+    frame: &mut DecodedFrame,
+    encoder: &mut Option<RtpEncoder>,
+) {
+    let Some(image) = frame.image.take() else { return };
+    if session
+        .config
+        .track_drop_every
+        .is_some_and(|n| n > 0 && frame_id % n == 0)
+    {
+        session.update(|report| report.track_frames_dropped += 1);
+        return;
+    }
+    let (codec, payload_type) = (track.codec, track.payload_type);
+    let idle = encoder.take();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut encoder = match idle {
+            Some(encoder) => encoder,
+            None => RtpEncoder::new(codec, payload_type)?,
+        };
+        let packets = encoder.encode(&image);
+        Ok::<_, String>((encoder, packets))
+    })
+    .await
+    .map_err(|e| format!("track encoder task: {e}"))
+    .and_then(|outcome| outcome);
+    let packets = match encoded {
+        Ok((idle, packets)) => {
+            *encoder = Some(idle);
+            packets
+        }
+        Err(err) => Err(err),
+    };
+    let packets = match packets {
+        Ok(packets) => packets,
+        Err(err) => {
+            session.update(|report| report.track_errors.push(format!("frame {frame_id}: {err}")));
+            return;
+        }
+    };
+    let timestamp = track.rtp_timestamp(frame.pts_ns);
+    for mut packet in packets {
+        packet.header.timestamp = timestamp;
+        packet.header.ssrc = track.ssrc;
+        packet.header.payload_type = track.payload_type;
+        let end_of_frame = packet.header.marker;
+        let written = tokio::time::timeout(TRACK_WRITE_TIMEOUT, track.local.write_rtp(packet)).await;
+        match written {
+            Ok(Ok(())) => session.update(|report| {
+                report.track_packets_sent += 1;
+                report.track_frames_sent += u32::from(end_of_frame);
+            }),
+            Ok(Err(err)) => {
+                session.update(|report| report.track_errors.push(format!("frame {frame_id}: write_rtp: {err}")));
+                return;
+            }
+            Err(_) => {
+                session.update(|report| report.track_errors.push(format!("frame {frame_id}: write_rtp took over {TRACK_WRITE_TIMEOUT:?}")));
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Decoding with GStreamer (stands in for the server's PyAV)
 // ---------------------------------------------------------------------------
 
@@ -1398,6 +1643,7 @@ fn decode_video(
     frames: &mpsc::Sender<DecodedFrame>,
     wants_jpeg: impl Fn() -> bool,
     limit: Option<u32>,
+    track_image: bool,
 ) -> Result<u32, String> {
     gst::init().map_err(|e| e.to_string())?;
     let pipeline = gst::parse::launch(
@@ -1433,7 +1679,10 @@ fn decode_video(
                 } else {
                     None
                 };
-                let frame = summarize_frame(&sample, jpeg)?;
+                let mut frame = summarize_frame(&sample, jpeg)?;
+                if track_image {
+                    frame.image = Some(inverted_frame(&sample)?);
+                }
                 if frames.blocking_send(frame).is_err() {
                     break;
                 }
@@ -1487,6 +1736,7 @@ fn summarize_frame(sample: &gst::Sample, jpeg: Option<Vec<u8>>) -> Result<Decode
             .then(|| f64::from(fps.numer()) / f64::from(fps.denom())),
         mean_rgb: sums.map(|sum| (sum / pixels) as u8),
         jpeg,
+        image: None,
     })
 }
 
