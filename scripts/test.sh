@@ -1,30 +1,73 @@
 #!/usr/bin/env bash
-# Runs every test of gst-roboflow: the plugin smoke check, unit tests,
-# gst-check element tests and the integration tests against the in-repo
-# test worker.
+# Runs every test of gst-roboflow:
+#   1. the plugin smoke check (gst-inspect-1.0 loads it),
+#   2. cargo test: protocol unit tests, gst-check element tests, integration
+#      tests against the in-repo test worker,
+#   3. end-to-end tests against the real Roboflow Inference Server 1.8.3,
+#      which this script installs (once) and starts on 127.0.0.1, and stops
+#      at the end whether the tests pass or fail.
+# Set ROBOFLOW_TEST_SERVER=http://host:port to use a server you run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p target
+
+server_started=""
+if [ -z "${ROBOFLOW_TEST_SERVER:-}" ]; then
+    if scripts/roboflow-server.sh status >/dev/null 2>&1; then
+        echo "== using the already running local server"
+    else
+        # Install and start in the background: it overlaps with the build.
+        echo "== starting the local Roboflow Inference Server in the background"
+        ( scripts/roboflow-server.sh start > target/server-start.log 2>&1; echo $? > target/server-start.rc ) &
+        server_start_pid=$!
+        server_started=yes
+    fi
+    export ROBOFLOW_TEST_SERVER="http://127.0.0.1:${ROBOFLOW_SERVER_PORT:-9001}"
+fi
+
+cleanup() {
+    if [ -n "$server_started" ]; then
+        wait "${server_start_pid:-}" 2>/dev/null || true
+        scripts/roboflow-server.sh stop || true
+    fi
+}
+trap cleanup EXIT
 
 echo "== build"
 cargo build --lib --locked
 
-echo "== smoke: gst-inspect-1.0 roboflowuploadsink"
+echo "== smoke: gst-inspect-1.0 roboflowuploadsink roboflowresultsrc"
 export GST_PLUGIN_PATH="$PWD/target/debug${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
 # A private registry: a stale system cache must not hide a broken plugin.
 export GST_REGISTRY="$PWD/target/gst-registry.bin"
 rm -f "$GST_REGISTRY"
-if ! gst-inspect-1.0 roboflowuploadsink > target/gst-inspect.txt 2>&1; then
-    cat target/gst-inspect.txt
-    gst-inspect-1.0 -b || true
-    echo "FAILED: the plugin does not load (see above; gst-inspect-1.0 -b lists blacklisted plugins)" >&2
-    exit 1
-fi
-grep -q "stall-timeout" target/gst-inspect.txt
-echo "roboflowuploadsink loads: $(grep -c 'flags:' target/gst-inspect.txt) properties listed"
+for element in roboflowuploadsink roboflowresultsrc; do
+    if ! gst-inspect-1.0 "$element" > "target/gst-inspect-$element.txt" 2>&1; then
+        cat "target/gst-inspect-$element.txt"
+        gst-inspect-1.0 -b || true
+        echo "FAILED: $element does not load (see above; gst-inspect-1.0 -b lists blacklisted plugins)" >&2
+        exit 1
+    fi
+    echo "$element loads: $(grep -c 'flags:' "target/gst-inspect-$element.txt") properties listed"
+done
 
 echo "== cargo test"
 # Integration tests each run a WebRTC server and GStreamer pipelines: two at a
 # time suits a 2-core machine.
-cargo test --locked --all-targets --no-fail-fast -- --test-threads=2
+status=0
+cargo test --locked --all-targets --no-fail-fast -- --test-threads=2 || status=$?
+
+echo "== end-to-end against the real server ($ROBOFLOW_TEST_SERVER)"
+if [ -n "$server_started" ]; then
+    wait "$server_start_pid" || true
+    if [ "$(cat target/server-start.rc 2>/dev/null)" != 0 ]; then
+        cat target/server-start.log
+        echo "FAILED: the local server did not start (log above)" >&2
+        exit 1
+    fi
+fi
+# One job at a time: the server runs a worker process per session.
+cargo test --locked --test real_server --no-fail-fast -- --ignored --test-threads=1 || status=$?
+exit "$status"

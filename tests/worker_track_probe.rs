@@ -175,7 +175,7 @@ fn run_probe(config: WorkerConfig, stream_output: Value, clip: &std::path::Path)
                 .lines()
                 .skip_while(|l| !l.starts_with("m=video"))
                 .take_while(|l| !l.starts_with("m=application"))
-                .filter(|l| l.starts_with("m=") || l.starts_with("a=rtpmap") || l.starts_with("a=send") || l.starts_with("a=recv") || l.starts_with("a=ssrc:") )
+                .filter(|l| l.starts_with("m=") || l.starts_with("a=rtpmap") || l.starts_with("a=send") || l.starts_with("a=recv") || l.starts_with("a=inactive") || l.starts_with("a=ssrc:") )
                 .collect::<Vec<_>>()
         );
         peer.set_remote_description(RTCSessionDescription::answer(answer_sdp).unwrap())
@@ -421,4 +421,102 @@ fn summarize_no_track(run: &Run) {
         run.seen.rtp.len(),
         run.report.track_codec
     );
+}
+
+// --- End to end with the plugin (track transport) ---------------------------
+
+fn plugin_run(config: WorkerConfig, frames: u32, width: u32) -> (usize, Vec<Option<u64>>, Vec<f64>, Option<gst::Structure>, SessionReport, harness::Outcome) {
+    harness::init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = harness::make_clip(&dir.path().join("clip.mp4"), frames, width, width * 3 / 4);
+    let worker = TestWorker::start(config);
+    let pipeline = harness::launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session=e2e video-transport=track stream-output=image {} \
+         roboflowresultsrc name=results session=e2e ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
+        clip.display(),
+        harness::sink_properties(&worker.url())
+    ));
+    let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let received: Arc<Mutex<(Vec<Option<u64>>, Vec<f64>)>> = Arc::default();
+    let sink_received = received.clone();
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let meta = gst::meta::CustomMeta::from_buffer(buffer, gstroboflow::META_NAME).ok();
+                let frame_id = meta.as_ref().and_then(|m| m.structure().get::<u64>("frame-id").ok());
+                let map = buffer.map_readable().unwrap();
+                let mean = map.iter().map(|b| u64::from(*b)).sum::<u64>() as f64 / map.len() as f64;
+                let mut received = sink_received.lock().unwrap();
+                received.0.push(frame_id);
+                received.1.push(mean);
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let results = pipeline.by_name("results").unwrap();
+    let mut stats = None;
+    let outcome = harness::run_with(&pipeline, Duration::from_secs(120), |_, message| {
+        if let gst::MessageView::Eos(_) = message.view() {
+            stats = Some(results.property::<gst::Structure>("stats"));
+        }
+        false
+    });
+    let report = worker
+        .wait_until(Duration::from_secs(5), |s| s.first().is_some_and(|s| s.closed))
+        .into_iter()
+        .next()
+        .unwrap();
+    let (ids, means) = std::mem::take(&mut *received.lock().unwrap());
+    (ids.len(), ids, means, stats, report, outcome)
+}
+
+fn plugin_case(name: &str, config: WorkerConfig, frames: u32, width: u32) -> usize {
+    let started = Instant::now();
+    let (count, ids, means, stats, report, outcome) = plugin_run(config, frames, width);
+    let paired = ids.iter().filter(|id| id.is_some()).count();
+    eprintln!(
+        "[e2e {name}] {:.1}s eos={} error={:?} frames_out={count} paired={paired} first_ids={:?} mean0={:?} \
+         | worker: codec={:?} pt={:?} origin={:?} frames_sent={} dropped={} results={} acks={} errors={:?}\n  stats={stats:?}",
+        started.elapsed().as_secs_f64(),
+        outcome.eos,
+        outcome.error,
+        &ids[..ids.len().min(5)],
+        means.first(),
+        report.track_codec,
+        report.track_payload_type,
+        report.rtp_origin,
+        report.track_frames_sent,
+        report.track_frames_dropped,
+        report.results_sent,
+        report.acks.len(),
+        report.track_errors,
+    );
+    count
+}
+
+#[test]
+fn e2e_plugin_vp8() {
+    plugin_case("vp8", WorkerConfig::default(), 30, 320);
+}
+
+#[test]
+fn e2e_plugin_h264() {
+    plugin_case("h264", WorkerConfig { track_codec: TrackCodec::H264, ..WorkerConfig::default() }, 30, 320);
+}
+
+#[test]
+fn e2e_plugin_drop3_wrap() {
+    plugin_case(
+        "drop3+wrap",
+        WorkerConfig { track_drop_every: Some(3), track_rtp_origin: Some(u32::MAX - 45_000), ..WorkerConfig::default() },
+        30,
+        320,
+    );
+}
+
+#[test]
+fn e2e_plugin_300_frames_720p() {
+    plugin_case("300x720p", WorkerConfig::default(), 300, 1280);
 }

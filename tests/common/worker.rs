@@ -45,6 +45,7 @@ use flate2::{Compress, Compression, FlushCompress};
 use gst_video::prelude::*;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -691,7 +692,12 @@ async fn open_session(
                 let origin = shared.config.track_rtp_origin.unwrap_or_else(random_u32);
                 Some(add_outgoing_track(&peer, *codec, format, origin).await?)
             }
-            None => None,
+            None => {
+                if offered_video.is_some() {
+                    refuse_video(&peer).await?;
+                }
+                None
+            }
         };
         let answer = peer
             .create_answer(None)
@@ -1499,6 +1505,20 @@ impl OutgoingTrack {
         self.origin
             .wrapping_add(ns_to_90k(pts_ns.unwrap_or(0)) as u32)
     }
+}
+
+/// No track for an offer that can receive one: answer `inactive`, as
+/// aiortc does (webrtc-rs would say `sendonly` and send nothing).
+async fn refuse_video(peer: &Arc<dyn PeerConnection>) -> Result<(), String> {
+    for transceiver in peer.get_transceivers().await {
+        if matches!(transceiver.sender().await, Ok(None)) {
+            transceiver
+                .set_direction(RTCRtpTransceiverDirection::Inactive)
+                .await
+                .map_err(|e| format!("video transceiver direction: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 async fn add_outgoing_track(
