@@ -425,13 +425,13 @@ fn summarize_no_track(run: &Run) {
 
 // --- End to end with the plugin (track transport) ---------------------------
 
-fn plugin_run(config: WorkerConfig, frames: u32, width: u32) -> (usize, Vec<Option<u64>>, Vec<f64>, Option<gst::Structure>, SessionReport, harness::Outcome) {
+fn plugin_run(config: WorkerConfig, frames: u32, width: u32, extra: &str) -> (usize, Vec<Option<u64>>, Vec<f64>, Option<gst::Structure>, SessionReport, harness::Outcome) {
     harness::init();
     let dir = tempfile::tempdir().unwrap();
     let clip = harness::make_clip(&dir.path().join("clip.mp4"), frames, width, width * 3 / 4);
     let worker = TestWorker::start(config);
     let pipeline = harness::launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session=e2e video-transport=track stream-output=image {} \
+        "filesrc location={} ! roboflowuploadsink session=e2e video-transport=track stream-output=image {} {extra} \
          roboflowresultsrc name=results session=e2e ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
         clip.display(),
         harness::sink_properties(&worker.url())
@@ -473,8 +473,12 @@ fn plugin_run(config: WorkerConfig, frames: u32, width: u32) -> (usize, Vec<Opti
 }
 
 fn plugin_case(name: &str, config: WorkerConfig, frames: u32, width: u32) -> usize {
+    plugin_case_with(name, config, frames, width, "")
+}
+
+fn plugin_case_with(name: &str, config: WorkerConfig, frames: u32, width: u32, extra: &str) -> usize {
     let started = Instant::now();
-    let (count, ids, means, stats, report, outcome) = plugin_run(config, frames, width);
+    let (count, ids, means, stats, report, outcome) = plugin_run(config, frames, width, extra);
     let paired = ids.iter().filter(|id| id.is_some()).count();
     eprintln!(
         "[e2e {name}] {:.1}s eos={} error={:?} frames_out={count} paired={paired} first_ids={:?} mean0={:?} \
@@ -519,4 +523,14 @@ fn e2e_plugin_drop3_wrap() {
 #[test]
 fn e2e_plugin_300_frames_720p() {
     plugin_case("300x720p", WorkerConfig::default(), 300, 1280);
+}
+
+#[test]
+fn e2e_plugin_300_frames_720p_realtime() {
+    plugin_case_with("300x720p realtime", WorkerConfig::default(), 300, 1280, "realtime-processing=true");
+}
+
+#[test]
+fn e2e_plugin_300_frames_720p_h264() {
+    plugin_case("300x720p h264", WorkerConfig { track_codec: TrackCodec::H264, ..WorkerConfig::default() }, 300, 1280);
 }
