@@ -24,6 +24,8 @@ pub const MAX_CHUNK_SIZE_U32: u32 = MAX_CHUNK_SIZE as u32;
 /// must be longer than that, and tiny chunks only multiply per-message costs.
 pub const MIN_CHUNK_SIZE: u32 = 1024;
 pub const MIN_BUFFER_LIMIT: u32 = 64 * 1024;
+pub const DEFAULT_MAX_RESULT_SIZE: u64 = 64 << 20;
+pub const MIN_MAX_RESULT_SIZE: u64 = 64 << 10;
 
 /// The single-model block per task type, as the reference SDK builds it.
 const TASK_TYPE_BLOCKS: &[(&str, &str)] = &[
@@ -104,6 +106,8 @@ pub struct UploadSettings {
     pub buffer_limit: u32,
     pub keepalive_interval_ms: u32,
     pub spool_dir: Option<String>,
+    pub max_spool_size: u64,
+    pub max_result_size: u64,
     pub upload_mode: UploadMode,
     pub session: Option<String>,
 }
@@ -153,6 +157,8 @@ impl Default for UploadSettings {
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
             spool_dir: None,
+            max_spool_size: 0,
+            max_result_size: DEFAULT_MAX_RESULT_SIZE,
             upload_mode: UploadMode::Auto,
             session: None,
         }
@@ -216,6 +222,8 @@ pub struct SessionConfig {
     pub chunk_size: usize,
     pub buffer_limit: usize,
     pub keepalive_interval: Duration,
+    /// Largest reassembled result of one frame (gzip inflates to at most 4x).
+    pub max_result_size: usize,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -458,6 +466,12 @@ impl UploadSettings {
                 ),
             ));
         }
+        if self.max_result_size < MIN_MAX_RESULT_SIZE {
+            return Err(config_error(
+                "max-result-size",
+                format!("{} is too small: at least {MIN_MAX_RESULT_SIZE} bytes", self.max_result_size),
+            ));
+        }
         if self.connect_timeout_ms == 0 {
             return Err(config_error("connect-timeout", "must be > 0 ms"));
         }
@@ -501,6 +515,7 @@ impl UploadSettings {
             chunk_size: chunk_size as usize,
             buffer_limit: self.buffer_limit as usize,
             keepalive_interval: Duration::from_millis(self.keepalive_interval_ms.into()),
+            max_result_size: usize::try_from(self.max_result_size).unwrap_or(usize::MAX),
         })
     }
 

@@ -12,6 +12,9 @@ use crate::protocol::messages::{
 static HTTP: LazyLock<reqwest::Client> = LazyLock::new(|| {
     reqwest::Client::builder()
         .user_agent(concat!("gst-roboflow/", env!("CARGO_PKG_VERSION")))
+        // One POST per session: an idle pooled connection would only keep a
+        // task alive on the plugin runtime for nothing.
+        .pool_max_idle_per_host(0)
         .build()
         .expect("the roboflow plugin could not create its HTTP client")
 });

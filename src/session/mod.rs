@@ -26,7 +26,7 @@ use webrtc::peer_connection::{
 use crate::config::SessionConfig;
 use crate::protocol::keepalive::KeepaliveTracker;
 use crate::protocol::messages::FrameResult;
-use crate::protocol::results::{ReassemblyLimits, ResultReassembler};
+use crate::protocol::results::{ReassemblyLimits, ResultError, ResultReassembler};
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN, is_keepalive};
 use crate::runtime::RUNTIME;
 use crate::signalling;
@@ -218,7 +218,10 @@ impl Session {
             closed: AtomicBool::new(false),
         });
         let task = session.clone();
-        session.spawn(async move { task.connect().await });
+        // Not aborted by close(): dropping a webrtc-rs connection that was
+        // never closed leaves its driver task running. The task stops at its
+        // next await once the session is closed, and closes what it built.
+        RUNTIME.spawn(async move { task.connect().await });
         session
     }
 
@@ -436,13 +439,17 @@ impl Session {
             let payload = chunk.len().saturating_sub(UPLOAD_HEADER_LEN) as u64;
             // Runs to completion: a send cancelled midway may leave the
             // channel in an undefined state.
-            channel.send(BytesMut::from(&chunk[..])).await.map_err(|err| {
-                format!(
+            if let Err(err) = channel.send(BytesMut::from(&chunk[..])).await {
+                let message = format!(
                     "sending chunk {} of {} on the video_upload channel failed: {err}",
                     self.counters.chunks_sent.load(Ordering::Relaxed) + 1,
                     self.counters.total_chunks.load(Ordering::Relaxed)
-                )
-            })?;
+                );
+                // Recorded while `chunks` is still open, so that the sink,
+                // whose next send now fails, finds the reason.
+                self.fail(message.clone());
+                return Err(message);
+            }
             self.counters.bytes_sent.fetch_add(payload, Ordering::Relaxed);
             self.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -516,19 +523,25 @@ impl Session {
                 }
             });
         }
-        // Wake anyone waiting on the session.
-        self.failure.send_if_modified(|failure| {
+        // Wake anyone waiting on the session, failed before or not.
+        self.failure.send_modify(|failure| {
             if failure.is_none() {
                 *failure = Some("the session was closed".to_owned());
-                true
-            } else {
-                false
             }
         });
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Runs `future` unless the session closes first.
+    async fn unless_closed<T>(&self, future: impl Future<Output = T>) -> Result<T, String> {
+        let mut failure = self.failure.subscribe();
+        tokio::select! {
+            value = future => Ok(value),
+            _ = failure.wait_for(|_| self.closed.load(Ordering::Acquire)) => Err("the session was closed".to_owned()),
+        }
     }
 
     async fn connect(self: Arc<Self>) {
@@ -602,11 +615,17 @@ impl Session {
                 webrtc_error(&format!("creating the WebRTC peer connection on {bind} failed (udp-bind-address)"), err)
             })?;
         let peer: Arc<dyn PeerConnection> = Arc::new(peer);
-        if self.closed.load(Ordering::Acquire) {
-            let _ = peer.close().await;
-            return Err("the session was closed".to_owned());
+        {
+            // Decided under the lock close() takes the peer with: either
+            // close() sees the peer and closes it, or we see the close.
+            let mut slot = self.peer.lock().unwrap();
+            if self.closed.load(Ordering::Acquire) {
+                drop(slot);
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await;
+                return Err("the session was closed".to_owned());
+            }
+            *slot = Some(peer.clone());
         }
-        *self.peer.lock().unwrap() = Some(peer.clone());
 
         let reliable = RTCDataChannelInit {
             ordered: true,
@@ -644,14 +663,16 @@ impl Session {
         peer.set_local_description(offer)
             .await
             .map_err(|err| webrtc_error("applying the SDP offer failed", err))?;
-        let _ = gathered_rx.wait_for(|done| *done).await;
+        let _ = self.unless_closed(gathered_rx.wait_for(|done| *done)).await?;
         let offer = peer
             .local_description()
             .await
             .ok_or_else(|| "the peer connection has no local description after gathering".to_owned())?;
 
         self.set_stage("waiting for the server's SDP answer");
-        let answer_sdp = signalling::exchange(config, offer.sdp, config.connect_timeout).await?;
+        let answer_sdp = self
+            .unless_closed(signalling::exchange(config, offer.sdp, config.connect_timeout))
+            .await??;
         let answer = RTCSessionDescription::answer(answer_sdp)
             .map_err(|err| webrtc_error("the server's SDP answer is malformed", err))?;
         peer.set_remote_description(answer)
@@ -659,7 +680,7 @@ impl Session {
             .map_err(|err| webrtc_error("the server's SDP answer was refused", err))?;
 
         self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the inference channel");
-        let _ = control_open.wait_for(|open| *open).await;
+        let _ = self.unless_closed(control_open.wait_for(|open| *open)).await?;
         // Opened only now, so that the server sees the channels in protocol
         // order: inference, then video_upload (channels created before the
         // connection open in no defined order).
@@ -674,7 +695,7 @@ impl Session {
             let channel = upload.clone();
             self.spawn(async move { session.poll_upload(channel, upload_open_tx).await });
         }
-        let _ = upload_open.wait_for(|open| *open).await;
+        let _ = self.unless_closed(upload_open.wait_for(|open| *open)).await?;
         *self.control_channel.lock().unwrap() = Some(control);
         *self.upload_channel.lock().unwrap() = Some(upload);
         Ok(())
@@ -706,7 +727,12 @@ impl Session {
     }
 
     async fn poll_control(self: Arc<Self>, channel: Arc<dyn DataChannel>, open: watch::Sender<bool>) {
-        let mut reassembler = ResultReassembler::new(ReassemblyLimits::default());
+        let max = self.config.max_result_size;
+        let mut reassembler = ResultReassembler::new(ReassemblyLimits {
+            max_frame_bytes: max,
+            max_decompressed_bytes: max.saturating_mul(4),
+            ..ReassemblyLimits::default()
+        });
         while let Some(event) = channel.poll().await {
             match event {
                 DataChannelEvent::OnOpen => {
@@ -742,7 +768,15 @@ impl Session {
     async fn on_result_message(&self, reassembler: &mut ResultReassembler, data: &[u8]) -> Result<bool, String> {
         let Some(completed) = reassembler
             .push(data)
-            .map_err(|err| format!("a result message from the server is invalid: {err}"))?
+            .map_err(|err| {
+                let hint = match err {
+                    ResultError::FrameTooLarge { .. } | ResultError::DecompressedTooLarge { .. } => {
+                        " (max-result-size)"
+                    }
+                    _ => "",
+                };
+                format!("a result message from the server is invalid: {err}{hint}")
+            })?
         else {
             return Ok(false);
         };

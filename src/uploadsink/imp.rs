@@ -220,6 +220,19 @@ impl ObjectImpl for UploadSink {
                     .mutable_ready()
                     .build(),
                 ms_property("keepalive-interval", "Keepalive interval", "Milliseconds between 1-byte keepalives during the upload (0: off)", 0, config::DEFAULT_KEEPALIVE_INTERVAL_MS),
+                glib::ParamSpecUInt64::builder("max-spool-size")
+                    .nick("Max spool size")
+                    .blurb("Most bytes a spooled upload may take in spool-dir (0: no limit but the disk)")
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("max-result-size")
+                    .nick("Max result size")
+                    .blurb("Largest result of one frame the server may send, in bytes (decompressed: 4x); larger is an error")
+                    .minimum(config::MIN_MAX_RESULT_SIZE)
+                    .default_value(config::DEFAULT_MAX_RESULT_SIZE)
+                    .mutable_ready()
+                    .build(),
                 string_property("spool-dir", "Spool directory", "Directory for the temporary file of spooled uploads (empty: the system's temp dir)", None),
                 glib::ParamSpecEnum::builder_with_default("upload-mode", UploadMode::Auto)
                     .nick("Upload mode")
@@ -283,6 +296,8 @@ impl ObjectImpl for UploadSink {
             "buffer-limit" => settings.buffer_limit = value.get().expect("type checked upstream"),
             "keepalive-interval" => settings.keepalive_interval_ms = value.get().expect("type checked upstream"),
             "spool-dir" => settings.spool_dir = text(),
+            "max-spool-size" => settings.max_spool_size = value.get().expect("type checked upstream"),
+            "max-result-size" => settings.max_result_size = value.get().expect("type checked upstream"),
             "upload-mode" => settings.upload_mode = value.get().expect("type checked upstream"),
             "session" => settings.session = text(),
             name => unreachable!("unknown property {name}"),
@@ -322,6 +337,8 @@ impl ObjectImpl for UploadSink {
             "buffer-limit" => settings.buffer_limit.to_value(),
             "keepalive-interval" => settings.keepalive_interval_ms.to_value(),
             "spool-dir" => settings.spool_dir.to_value(),
+            "max-spool-size" => settings.max_spool_size.to_value(),
+            "max-result-size" => settings.max_result_size.to_value(),
             "upload-mode" => settings.upload_mode.to_value(),
             "session" => settings.session.to_value(),
             name => unreachable!("unknown readable property {name}"),
@@ -650,6 +667,13 @@ impl UploadSink {
     }
 
     fn spool_write(&self, spool: &mut Spool, _config: &SessionConfig, data: &[u8]) -> Result<(), Stop> {
+        let end = spool.position + data.len() as u64;
+        let limit = self.settings.lock().unwrap().max_spool_size;
+        if limit > 0 && end > limit {
+            return Err(failure(format!(
+                "the spooled upload would grow to {end} bytes, over max-spool-size ({limit} bytes); raise max-spool-size or free space in spool-dir"
+            )));
+        }
         let write = |spool: &mut Spool| -> std::io::Result<()> {
             spool.file.seek(SeekFrom::Start(spool.position))?;
             spool.file.write_all(data)
