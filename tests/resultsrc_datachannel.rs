@@ -111,6 +111,10 @@ fn one_pipeline_returns_every_frame_in_order_with_its_meta() {
     assert_eq!(stats.get::<u64>("frames-paired").unwrap(), 40);
     assert_eq!(stats.get::<u64>("frames-unpaired").unwrap(), 0);
     assert_eq!(stats.get::<u64>("frames-dropped").unwrap(), 0);
+    let summary = outcome.named("roboflow-result-summary");
+    assert_eq!(summary.len(), 1, "one summary at EOS");
+    assert_eq!(summary[0].get::<u64>("frames-pushed").unwrap(), 40);
+    assert_eq!(summary[0].get::<u64>("frames-unpaired").unwrap(), 0);
     let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
     assert_eq!(report.request["stream_output"], serde_json::json!([]), "datachannel transport asks for no track");
     assert_eq!(report.request["data_output"], serde_json::json!(["image"]));

@@ -20,6 +20,8 @@ use super::framesrc::{CAT, FrameSrcElement, Params, Shared};
 use super::META_NAME;
 
 const DEFAULT_MAX_QUEUED_FRAMES: u32 = 8;
+/// Posted once at EOS with the final `stats`.
+pub const SUMMARY_MESSAGE: &str = "roboflow-result-summary";
 
 pub struct ResultSrc {
     framesrc: FrameSrcElement,
@@ -226,6 +228,22 @@ impl ResultSrc {
         let counters = self.shared.counters.clone();
         self.queue.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
             counters.buffers_left_queue.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+
+        // At EOS, when every frame has left, the counts are final.
+        let weak = self.obj().downgrade();
+        self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_, info| {
+            if let Some(gst::PadProbeData::Event(event)) = &info.data
+                && event.type_() == gst::EventType::Eos
+                && let Some(obj) = weak.upgrade()
+            {
+                let mut summary = obj.imp().stats();
+                summary.set_name(SUMMARY_MESSAGE);
+                gst::info!(CAT, obj = obj, "results done: {summary}");
+                let message = gst::message::Element::builder(summary).src(&obj).build();
+                let _ = obj.post_message(message);
+            }
             gst::PadProbeReturn::Ok
         });
 
