@@ -115,7 +115,8 @@ impl OfferedCodec {
     }
 
     fn h264_profile(&self) -> Option<String> {
-        self.fmtp_value("profile-level-id").map(str::to_ascii_lowercase)
+        self.fmtp_value("profile-level-id")
+            .map(str::to_ascii_lowercase)
     }
 }
 
@@ -142,7 +143,9 @@ pub fn offered_video_codecs(sdp: &str) -> Option<Vec<OfferedCodec>> {
             continue;
         }
         if let Some(map) = line.strip_prefix("a=rtpmap:") {
-            let Some((pt, encoding)) = map.split_once(' ') else { continue };
+            let Some((pt, encoding)) = map.split_once(' ') else {
+                continue;
+            };
             let mut parts = encoding.trim().split('/');
             let (Ok(pt), Some(name), Some(Ok(rate))) =
                 (pt.parse(), parts.next(), parts.next().map(str::parse))
@@ -219,7 +222,10 @@ pub fn inverted_frame(sample: &gst::Sample) -> Result<gst::Sample, String> {
             *byte = !*byte;
         }
     }
-    Ok(gst::Sample::builder().buffer(&copy).caps(&caps.to_owned()).build())
+    Ok(gst::Sample::builder()
+        .buffer(&copy)
+        .caps(&caps.to_owned())
+        .build())
 }
 
 /// `appsrc ! videoconvert ! <encoder> ! <payloader> ! appsink`. Both encoders
@@ -297,4 +303,3 @@ impl Drop for RtpEncoder {
         let _ = self.pipeline.set_state(gst::State::Null);
     }
 }
-
