@@ -48,9 +48,15 @@ pub struct Pairing {
     pending: std::collections::BTreeMap<u64, (u64, String)>,
     /// Half a frame, in ns: the tolerance for track-mode pairing.
     pub tolerance: u64,
+    /// JPEG frames carry their result with them: nothing to wait for.
+    pub exact: bool,
 }
 
 impl Pairing {
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+
     pub fn insert(&mut self, pts: u64, frame_id: u64, json: String) {
         self.pending.insert(pts, (frame_id, json));
         // Frames the codec dropped never pair: forget them after 2 s.
@@ -80,6 +86,8 @@ pub struct Shared {
     pub pairing: Arc<Mutex<Pairing>>,
     /// The session processes in realtime: no acks, the queue leaks.
     pub realtime: Arc<std::sync::atomic::AtomicBool>,
+    /// The attached session, for the counts it keeps (track packets dropped).
+    pub session: Arc<Mutex<Option<Arc<Session>>>>,
     /// The bin that posts the messages, set by roboflowresultsrc.
     pub owner: Arc<Mutex<Option<glib::WeakRef<gst::Element>>>>,
 }
@@ -336,11 +344,11 @@ impl FrameSrc {
         if output == Output::Rtp && track.is_none() {
             return Err(Stop::Error(format!("the returned track of session '{name}' is already read by another roboflowresultsrc")));
         }
-        self.shared
-            .lock()
-            .unwrap()
-            .realtime
-            .store(config.realtime_processing, Ordering::Relaxed);
+        {
+            let shared = self.shared.lock().unwrap();
+            shared.realtime.store(config.realtime_processing, Ordering::Relaxed);
+            *shared.session.lock().unwrap() = Some(session.clone());
+        }
         gst::info!(CAT, imp = self, "attached to session '{name}', output {output:?}");
         let (ack_tx, ack_rx) = tokio::sync::watch::channel(0u64);
         if !session.config().realtime_processing {
@@ -505,9 +513,11 @@ impl FrameSrc {
             || format!("neither results nor video from the server for {:.1} s (stall-timeout)", stall.as_secs_f64()),
             async {
                 tokio::select! {
+                    // Results first: a frame's JSON normally precedes its RTP,
+                    // and pairing needs it by the time the frame is decoded.
                     biased;
-                    item = track.recv() => Next::Track(item),
                     event = session.next_event(events) => Next::Event(event),
+                    item = track.recv() => Next::Track(item),
                 }
             },
         )?;

@@ -22,6 +22,10 @@ use super::META_NAME;
 const DEFAULT_MAX_QUEUED_FRAMES: u32 = 8;
 /// Posted once at EOS with the final `stats`.
 pub const SUMMARY_MESSAGE: &str = "roboflow-result-summary";
+/// Bound of the packet queue in track transport (about 4 s of 720p video).
+const TRACK_QUEUE_BYTES: u32 = 8 << 20;
+/// How long a decoded track frame may wait for its result to arrive.
+const PAIRING_WAIT: Duration = Duration::from_millis(60);
 
 pub struct ResultSrc {
     framesrc: FrameSrcElement,
@@ -188,6 +192,21 @@ impl ElementImpl for ResultSrc {
 
 impl BinImpl for ResultSrc {}
 
+/// The result for video at `pts`. A track frame can be decoded before its
+/// JSON arrives (the two travel apart), so an unmatched frame waits briefly.
+fn take_pairing(shared: &Shared, pts: u64) -> Option<(u64, String)> {
+    let deadline = std::time::Instant::now() + PAIRING_WAIT;
+    loop {
+        if let Some(entry) = shared.pairing.lock().unwrap().take(pts) {
+            return Some(entry);
+        }
+        if std::time::Instant::now() >= deadline || shared.pairing.lock().unwrap().is_exact() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 impl ResultSrc {
     fn reset_counters(&self) {
         let counters = &self.shared.counters;
@@ -204,6 +223,7 @@ impl ResultSrc {
             counter.store(0, Ordering::Relaxed);
         }
         *self.shared.pairing.lock().unwrap() = Default::default();
+        *self.shared.session.lock().unwrap() = None;
     }
 
     fn stats(&self) -> gst::Structure {
@@ -212,6 +232,7 @@ impl ResultSrc {
         let left = counters.buffers_left_queue.load(Ordering::Relaxed);
         let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
         let dropped = if self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
+        let packets_dropped = self.shared.session.lock().unwrap().as_ref().map(|s| s.track_packets_dropped()).unwrap_or(0);
         gst::Structure::builder("roboflow-result-stats")
             .field("frames-received", counters.frames_received.load(Ordering::Relaxed))
             .field("frames-pushed", counters.frames_pushed.load(Ordering::Relaxed))
@@ -220,6 +241,7 @@ impl ResultSrc {
             .field("acks-sent", counters.acks_sent.load(Ordering::Relaxed))
             .field("max-queue-depth", counters.max_queue_depth.load(Ordering::Relaxed))
             .field("frames-dropped", dropped)
+            .field("track-packets-dropped", packets_dropped)
             .build()
     }
 
@@ -254,7 +276,7 @@ impl ResultSrc {
             if let Some(buffer) = info.buffer_mut() {
                 let shared = &shared;
                 shared.counters.frames_pushed.fetch_add(1, Ordering::Relaxed);
-                let entry = buffer.pts().and_then(|pts| shared.pairing.lock().unwrap().take(pts.nseconds()));
+                let entry = buffer.pts().and_then(|pts| take_pairing(&shared, pts.nseconds()));
                 match entry {
                     Some((frame_id, json)) => {
                         shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
@@ -303,11 +325,15 @@ impl ResultSrc {
             .collect::<Result<Vec<_>, _>>()?;
         // Track pairing tolerates half a frame; JPEG frames pair exactly.
         let fps = structure.get::<gst::Fraction>("framerate").ok().filter(|f| f.numer() > 0);
-        self.shared.pairing.lock().unwrap().tolerance = match fps {
-            Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
-            None => 16_666_666,
-        };
-        self.set_realtime(self.shared.realtime.load(Ordering::Relaxed));
+        {
+            let mut pairing = self.shared.pairing.lock().unwrap();
+            pairing.tolerance = match fps {
+                Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
+                None => 16_666_666,
+            };
+            pairing.exact = structure.name() == "image/jpeg";
+        }
+        self.configure_queue(structure.name() == "application/x-rtp", self.shared.realtime.load(Ordering::Relaxed));
         let obj = self.obj();
         obj.add_many(&elements).map_err(|err| err.to_string())?;
         self.queue.unlink(&self.tail);
@@ -336,7 +362,20 @@ impl ResultSrc {
         let _ = self.queue.link(&self.tail);
     }
 
-    fn set_realtime(&self, realtime: bool) {
-        self.queue.set_property_from_str("leaky", if realtime { "downstream" } else { "no" });
+    /// Configures the bounded queue for what flows through it: whole frames
+    /// (JPEG) are bounded by max-queued-frames; RTP packets of the returned
+    /// track, a live stream the server does not pace, by bytes, dropping the
+    /// oldest when downstream cannot keep up.
+    fn configure_queue(&self, rtp: bool, realtime: bool) {
+        if rtp {
+            self.queue.set_property("max-size-buffers", 0u32);
+            self.queue.set_property("max-size-bytes", TRACK_QUEUE_BYTES);
+            self.queue.set_property_from_str("leaky", "downstream");
+        } else {
+            let frames = self.params.lock().unwrap().max_queued_frames;
+            self.queue.set_property("max-size-buffers", frames);
+            self.queue.set_property("max-size-bytes", 0u32);
+            self.queue.set_property_from_str("leaky", if realtime { "downstream" } else { "no" });
+        }
     }
 }

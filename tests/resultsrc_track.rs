@@ -1,0 +1,147 @@
+// roboflowresultsrc in track transport: the returned WebRTC video track
+// (VP8, and H.264 when negotiated) is depayloaded and decoded, every frame
+// is paired with its result by PTS, in one pipeline and across two.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::harness::*;
+use common::worker::{TestWorker, TrackCodec, WorkerConfig};
+use gst::prelude::*;
+
+#[derive(Default, Debug)]
+struct Received {
+    frame_ids: Vec<Option<u64>>,
+    pts: Vec<gst::ClockTime>,
+    /// Mean byte value of the first frame: the worker inverts the image.
+    first_mean: Option<f64>,
+}
+
+fn collect(appsink: &gst_app::AppSink) -> Arc<Mutex<Received>> {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let sink_received = received.clone();
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let frame_id = gst::meta::CustomMeta::from_buffer(buffer, gstroboflow::META_NAME)
+                    .ok()
+                    .and_then(|m| m.structure().get::<u64>("frame-id").ok());
+                let mut received = sink_received.lock().unwrap();
+                received.frame_ids.push(frame_id);
+                received.pts.extend(buffer.pts());
+                if received.first_mean.is_none() {
+                    let map = buffer.map_readable().unwrap();
+                    received.first_mean = Some(map.iter().map(|b| f64::from(*b)).sum::<f64>() / map.len() as f64);
+                }
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    received
+}
+
+const SINK_TAIL: &str = "video-transport=track stream-output=image";
+const SOURCE_TAIL: &str = "! videoconvert ! video/x-raw,format=GRAY8 ! appsink name=out sync=false";
+
+fn check_all_paired(received: &Received, frames: usize, stats: &gst::Structure) {
+    assert_eq!(received.frame_ids.len(), frames, "every frame decoded: {:?}", received.frame_ids);
+    let ids: Vec<u64> = received.frame_ids.iter().map(|id| id.expect("every frame paired")).collect();
+    assert_eq!(ids, (1..=frames as u64).collect::<Vec<_>>(), "paired in order");
+    assert!(received.pts.windows(2).all(|w| w[0] < w[1]), "PTS increase: {:?}", received.pts);
+    // The clip is a dark test pattern; the worker returns it inverted.
+    assert!(received.first_mean.unwrap() > 128.0, "the server's image, not the upload: {:?}", received.first_mean);
+    assert_eq!(stats.get::<u64>("frames-paired").unwrap(), frames as u64);
+    assert_eq!(stats.get::<u64>("frames-unpaired").unwrap(), 0);
+}
+
+fn one_pipeline(codec: TrackCodec, expected_codec: &str) {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    let worker = TestWorker::start(WorkerConfig { track_codec: codec, ..Default::default() });
+    let session = format!("track-{expected_codec}");
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    let outcome = run(&pipeline, Duration::from_secs(90));
+    assert!(outcome.eos, "{:?}", outcome.error);
+    let summary = outcome.named("roboflow-result-summary");
+    assert_eq!(summary.len(), 1);
+    check_all_paired(&received.lock().unwrap(), 30, summary[0]);
+    assert_eq!(outcome.named("roboflow-inference").len(), 30, "every JSON result is posted");
+    let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
+    assert_eq!(report.track_codec.as_deref(), Some(expected_codec));
+    assert_eq!(report.request["stream_output"], serde_json::json!(["image"]));
+}
+
+#[test]
+fn vp8_track_in_one_pipeline() {
+    one_pipeline(TrackCodec::Vp8, "video/VP8");
+}
+
+#[test]
+fn h264_track_in_one_pipeline() {
+    one_pipeline(TrackCodec::H264, "video/H264");
+}
+
+#[test]
+fn track_across_two_pipelines() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 24, 320, 240);
+    let worker = TestWorker::start(WorkerConfig::default());
+    let upload = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session=track-two {SINK_TAIL} {}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let source = launch(&format!("roboflowresultsrc name=results session=track-two {SOURCE_TAIL}"));
+    let received = collect(&source.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    // The sink starts first this time; the source attaches before its upload ends.
+    let upload_thread = std::thread::spawn(move || run(&upload, Duration::from_secs(90)));
+    let source_outcome = run(&source, Duration::from_secs(90));
+    let upload_outcome = upload_thread.join().unwrap();
+    assert!(upload_outcome.eos, "{:?}", upload_outcome.error);
+    assert!(source_outcome.eos, "{:?}", source_outcome.error);
+    let summary = source_outcome.named("roboflow-result-summary");
+    check_all_paired(&received.lock().unwrap(), 24, summary[0]);
+}
+
+#[test]
+fn frames_the_codec_never_sends_are_counted_not_guessed() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    // Every third frame gets its JSON but no video, across an RTP timestamp wrap.
+    let worker = TestWorker::start(WorkerConfig {
+        track_drop_every: Some(3),
+        track_rtp_origin: Some(u32::MAX - 45_000),
+        ..Default::default()
+    });
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session=track-gaps {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session=track-gaps {SOURCE_TAIL}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    let outcome = run(&pipeline, Duration::from_secs(90));
+    assert!(outcome.eos, "{:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), 30, "results of dropped frames still arrive");
+    let received = received.lock().unwrap();
+    assert_eq!(received.frame_ids.len(), 20);
+    let ids: Vec<u64> = received.frame_ids.iter().map(|id| id.expect("every decoded frame pairs")).collect();
+    let expected: Vec<u64> = (1..=30).filter(|id| id % 3 != 0).collect();
+    assert_eq!(ids, expected, "each frame pairs with its own result, not a neighbour's");
+    let summary = outcome.named("roboflow-result-summary")[0];
+    assert_eq!(summary.get::<u64>("frames-received").unwrap(), 30);
+    assert_eq!(summary.get::<u64>("frames-paired").unwrap(), 20);
+}
