@@ -134,6 +134,9 @@ struct Attached {
     held: Option<Box<FrameEvent>>,
     caps_sent: bool,
     rtp: RtpClock,
+    /// processing_complete arrived; RTP still in flight is drained (the two
+    /// travel apart, so the last frames' packets may come after it).
+    draining: bool,
     ended: bool,
 }
 
@@ -237,7 +240,9 @@ impl BaseSrcImpl for FrameSrc {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        *self.state.lock().unwrap() = State::Idle;
+        if let State::Attached(attached) = std::mem::replace(&mut *self.state.lock().unwrap(), State::Idle) {
+            attached.session.release();
+        }
         Ok(())
     }
 
@@ -367,6 +372,7 @@ impl FrameSrc {
             held: None,
             caps_sent: false,
             rtp: RtpClock::default(),
+            draining: false,
             ended: false,
         })
     }
@@ -508,19 +514,29 @@ impl FrameSrc {
             Event(SessionEvent),
             Track(Option<TrackItem>),
         }
-        let next = self.wait(
-            Some(stall),
-            || format!("neither results nor video from the server for {:.1} s (stall-timeout)", stall.as_secs_f64()),
-            async {
-                tokio::select! {
-                    // Results first: a frame's JSON normally precedes its RTP,
-                    // and pairing needs it by the time the frame is decoded.
-                    biased;
-                    event = session.next_event(events) => Next::Event(event),
-                    item = track.recv() => Next::Track(item),
+        let next = if attached.draining {
+            match self.wait(None, String::new, async { tokio::time::timeout(TRACK_DRAIN_QUIET, track.recv()).await })? {
+                Ok(Some(item)) => Next::Track(Some(item)),
+                _ => {
+                    attached.ended = true;
+                    return Ok(None);
                 }
-            },
-        )?;
+            }
+        } else {
+            self.wait(
+                Some(stall),
+                || format!("neither results nor video from the server for {:.1} s (stall-timeout)", stall.as_secs_f64()),
+                async {
+                    tokio::select! {
+                        // Results first: a frame's JSON normally precedes its
+                        // RTP, and pairing needs it when the frame is decoded.
+                        biased;
+                        event = session.next_event(events) => Next::Event(event),
+                        item = track.recv() => Next::Track(item),
+                    }
+                },
+            )?
+        };
         match next {
             Next::Event(SessionEvent::Frame(frame)) => {
                 self.on_frame(attached, &frame);
@@ -531,7 +547,7 @@ impl FrameSrc {
                 Ok(None)
             }
             Next::Event(SessionEvent::Complete { .. }) => {
-                attached.ended = true;
+                attached.draining = true;
                 Ok(None)
             }
             Next::Event(SessionEvent::Failed(message)) => Err(Stop::Error(message)),
@@ -576,6 +592,10 @@ async fn send_acks(session: Arc<Session>, mut acks: tokio::sync::watch::Receiver
         counters.acks_sent.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// After processing_complete, the track is read until it has been quiet
+/// this long.
+const TRACK_DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 pub fn pts_ns(frame: &FrameEvent) -> Option<u64> {
     frame

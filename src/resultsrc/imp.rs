@@ -18,6 +18,7 @@ use gst::subclass::prelude::*;
 
 use super::framesrc::{CAT, FrameSrcElement, Params, Shared};
 use super::META_NAME;
+use crate::session::registry;
 
 const DEFAULT_MAX_QUEUED_FRAMES: u32 = 8;
 /// Posted once at EOS with the final `stats`.
@@ -35,6 +36,8 @@ pub struct ResultSrc {
     shared: Shared,
     params: Mutex<Params>,
     decoder: Mutex<Vec<gst::Element>>,
+    /// The session this source announced it will read.
+    expecting: Mutex<Option<String>>,
 }
 
 #[glib::object_subclass]
@@ -67,6 +70,7 @@ impl ObjectSubclass for ResultSrc {
             shared: Shared::default(),
             params: Mutex::new(Params::default()),
             decoder: Mutex::new(Vec::new()),
+            expecting: Mutex::new(None),
         }
     }
 }
@@ -173,20 +177,31 @@ impl ElementImpl for ResultSrc {
     }
 
     fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
-        if transition == gst::StateChange::ReadyToPaused {
+        if transition == gst::StateChange::NullToReady {
             let params = self.params.lock().unwrap().clone();
-            if params.session.as_deref().is_none_or(|name| name.trim().is_empty()) {
+            let Some(name) = params.session.clone().filter(|name| !name.trim().is_empty()) else {
                 gst::element_imp_error!(self, gst::LibraryError::Settings, ("property 'session': name the roboflowuploadsink session to read results from"));
                 return Err(gst::StateChangeError);
-            }
-            *self.framesrc.imp().params.lock().unwrap() = params;
+            };
+            // Tell a sink of that session, from now on, to leave the results
+            // to this source even if its upload ends before we attach.
+            registry::expect_source(&name);
+            *self.expecting.lock().unwrap() = Some(name);
+        }
+        if transition == gst::StateChange::ReadyToPaused {
+            *self.framesrc.imp().params.lock().unwrap() = self.params.lock().unwrap().clone();
             self.reset_counters();
         }
-        let result = self.parent_change_state(transition)?;
+        let result = self.parent_change_state(transition);
         if transition == gst::StateChange::PausedToReady {
             self.remove_decoder();
         }
-        Ok(result)
+        if transition == gst::StateChange::ReadyToNull || (transition == gst::StateChange::NullToReady && result.is_err()) {
+            if let Some(name) = self.expecting.lock().unwrap().take() {
+                registry::unexpect_source(&name);
+            }
+        }
+        result
     }
 }
 

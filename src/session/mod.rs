@@ -166,6 +166,9 @@ pub struct Session {
     events_tx: mpsc::Sender<SessionEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<SessionEvent>>>,
     consumer_attached: AtomicBool,
+    /// The sink, plus the result source once attached; the last to let go
+    /// closes the session.
+    holders: std::sync::atomic::AtomicUsize,
     track_tx: mpsc::Sender<TrackItem>,
     track_rx: Mutex<Option<mpsc::Receiver<TrackItem>>>,
     track_packets_dropped: AtomicU64,
@@ -211,6 +214,7 @@ impl Session {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             consumer_attached: AtomicBool::new(false),
+            holders: std::sync::atomic::AtomicUsize::new(1),
             track_tx,
             track_rx: Mutex::new(Some(track_rx)),
             track_packets_dropped: AtomicU64::new(0),
@@ -335,6 +339,7 @@ impl Session {
         let taken = self.events_rx.lock().unwrap().take();
         if taken.is_some() && by_result_source {
             self.consumer_attached.store(true, Ordering::Release);
+            self.holders.fetch_add(1, Ordering::AcqRel);
         }
         taken
     }
@@ -496,6 +501,24 @@ impl Session {
     fn on_keepalive_echo(&self) {
         let rtt = self.keepalive.lock().unwrap().on_echo(Instant::now());
         gst::trace!(CAT, "session {}: keepalive echo, rtt {rtt:?}", self.name);
+    }
+
+    /// The sink lets go. A finished session whose results a result source
+    /// is still reading stays open until that source lets go too (its last
+    /// video may still be in flight); any other session closes now.
+    pub fn release_by_sink(&self) {
+        if self.phase() == Phase::Complete && self.has_result_source() {
+            self.release();
+        } else {
+            self.close();
+        }
+    }
+
+    /// One holder lets go; the last one closes the session.
+    pub fn release(&self) {
+        if self.holders.fetch_sub(1, Ordering::AcqRel) <= 1 {
+            self.close();
+        }
     }
 
     /// Closes the peer connection and stops every task; returns at once.
@@ -803,9 +826,9 @@ impl Session {
                         .unwrap_or_default()
                 ));
             }
-            self.set_phase(Phase::Complete);
-            self.complete.send_replace(true);
             gst::info!(CAT, "session {}: processing complete after {frames} frames", self.name);
+            // Queued before anyone learns of the completion: the sink may
+            // close the session as soon as it does.
             let _ = self
                 .events_tx
                 .send(SessionEvent::Complete {
@@ -813,6 +836,8 @@ impl Session {
                     termination_reason: result.termination_reason,
                 })
                 .await;
+            self.set_phase(Phase::Complete);
+            self.complete.send_replace(true);
             return Ok(true);
         }
 

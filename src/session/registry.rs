@@ -13,6 +13,27 @@ use super::Session;
 static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<Session>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 static REGISTERED: LazyLock<Notify> = LazyLock::new(Notify::new);
+/// Result sources that are starting, by session name: a sink whose session
+/// one of them is about to read leaves the results to it.
+static EXPECTED_SOURCES: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+pub fn expect_source(name: &str) {
+    *EXPECTED_SOURCES.lock().unwrap().entry(name.to_owned()).or_default() += 1;
+}
+
+pub fn unexpect_source(name: &str) {
+    let mut expected = EXPECTED_SOURCES.lock().unwrap();
+    if let Some(count) = expected.get_mut(name) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            expected.remove(name);
+        }
+    }
+}
+
+pub fn source_expected(name: &str) -> bool {
+    EXPECTED_SOURCES.lock().unwrap().contains_key(name)
+}
 
 /// Registers `session` under its name; refuses a name a live session holds.
 pub fn register(session: &Arc<Session>) -> Result<(), String> {

@@ -412,7 +412,7 @@ impl BaseSinkImpl for UploadSink {
         *self.state.lock().unwrap() = State::Stopped;
         if let Some(session) = self.session.lock().unwrap().as_ref() {
             registry::unregister(session);
-            session.close();
+            session.release_by_sink();
             gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
         }
         // Dropping the job deleted any spool file; a job the streaming
@@ -814,7 +814,9 @@ impl UploadSink {
     }
 
     fn collect_results(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
-        let Some(mut events) = session.take_events(false) else {
+        // A result source that is starting will read the results.
+        let events = if registry::source_expected(session.name()) { None } else { session.take_events(false) };
+        let Some(mut events) = events else {
             // A roboflowresultsrc consumes the results; the job ends when it
             // has seen processing_complete.
             return self.wait(None, String::new, session.wait_complete());
