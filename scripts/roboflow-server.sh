@@ -39,7 +39,8 @@ our_pid() {
     [ -f "$PIDFILE" ] || return 1
     local pid; pid="$(cat "$PIDFILE")"
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "$HERE/server/serve.py" || return 1
+    # Any checkout's launcher counts: the pid file lives in the shared cache.
+    tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q "scripts/server/serve.py --host 127.0.0.1 --port $PORT" || return 1
     echo "$pid"
 }
 
