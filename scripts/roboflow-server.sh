@@ -94,7 +94,8 @@ stop() {
     local pid
     if ! pid="$(our_pid)"; then
         log "not running (no server of ours)"
-        rm -f "$PIDFILE"
+        # Forget a stale pid file, but never one naming a live process.
+        if [ -f "$PIDFILE" ] && ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then rm -f "$PIDFILE"; fi
         return 0
     fi
     log "stopping pid $pid and its workers"
