@@ -121,7 +121,11 @@ fn run(options: &Options) -> Result<(), String> {
     bar.set_message("upload");
 
     let started = Instant::now();
-    let mut upload_rate = None;
+    // The upload is over for the server when its first result arrives: the
+    // honest upload time runs from the first chunk sent to that result.
+    let mut first_chunk: Option<Instant> = None;
+    let mut upload_done: Option<(u64, f64)> = None;
+    let mut total_bytes = 0u64;
     let mut frames = 0u64;
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).map_err(|_| "the pipeline does not start".to_owned())?;
@@ -136,11 +140,14 @@ fn run(options: &Options) -> Result<(), String> {
                     "roboflow-upload-progress" => {
                         let total = structure.get::<u64>("total-bytes").unwrap_or(0);
                         let done = structure.get::<u64>("uploaded-bytes").unwrap_or(0);
+                        total_bytes = total;
+                        if first_chunk.is_none() {
+                            let elapsed = structure.get::<gst::ClockTime>("elapsed").map(|t| t.seconds_f64()).unwrap_or(0.0);
+                            first_chunk = Instant::now().checked_sub(std::time::Duration::from_secs_f64(elapsed));
+                        }
                         bar.set_length(total);
                         bar.set_position(done);
                         if structure.get::<bool>("final").unwrap_or(false) {
-                            let elapsed = structure.get::<gst::ClockTime>("elapsed").map(|t| t.seconds_f64()).unwrap_or(0.0);
-                            upload_rate = (elapsed > 0.0).then(|| total as f64 / elapsed / 1e6);
                             bar.finish_and_clear();
                             bar.reset();
                             bar.set_style(ProgressStyle::with_template("{msg:10} {pos} frames {per_sec}").unwrap());
@@ -148,6 +155,11 @@ fn run(options: &Options) -> Result<(), String> {
                         }
                     }
                     "roboflow-inference" => {
+                        if upload_done.is_none()
+                            && let Some(first) = first_chunk
+                        {
+                            upload_done = Some((total_bytes, first.elapsed().as_secs_f64()));
+                        }
                         frames += 1;
                         bar.set_position(frames);
                         if let Ok(json) = structure.get::<&str>("json") {
@@ -168,9 +180,13 @@ fn run(options: &Options) -> Result<(), String> {
     let elapsed = started.elapsed();
     println!("frames:      {frames}");
     println!("time:        {:.1} s", elapsed.as_secs_f64());
-    match upload_rate {
-        Some(rate) => println!("upload rate: {rate:.1} MB/s"),
-        None => println!("upload rate: n/a"),
+    match upload_done {
+        Some((bytes, seconds)) if seconds > 0.0 => println!(
+            "upload:      {:.1} MB in {seconds:.2} s, first chunk to first result: {:.1} MB/s",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / seconds
+        ),
+        _ => println!("upload:      n/a"),
     }
     if options.has_video {
         println!("video:       {}", options.output);
