@@ -196,10 +196,10 @@ impl ElementImpl for ResultSrc {
         if transition == gst::StateChange::PausedToReady {
             self.remove_decoder();
         }
-        if transition == gst::StateChange::ReadyToNull || (transition == gst::StateChange::NullToReady && result.is_err()) {
-            if let Some(name) = self.expecting.lock().unwrap().take() {
-                registry::unexpect_source(&name);
-            }
+        let leaving = transition == gst::StateChange::ReadyToNull
+            || (transition == gst::StateChange::NullToReady && result.is_err());
+        if leaving && let Some(name) = self.expecting.lock().unwrap().take() {
+            registry::unexpect_source(&name);
         }
         result
     }
@@ -289,7 +289,6 @@ impl ResultSrc {
         let weak = self.obj().downgrade();
         self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             if let Some(buffer) = info.buffer_mut() {
-                let shared = &shared;
                 shared.counters.frames_pushed.fetch_add(1, Ordering::Relaxed);
                 let entry = buffer.pts().and_then(|pts| take_pairing(&shared, pts.nseconds()));
                 match entry {

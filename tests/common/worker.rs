@@ -1610,7 +1610,7 @@ async fn send_track_frame(
     if session
         .config
         .track_drop_every
-        .is_some_and(|n| n > 0 && frame_id % n == 0)
+        .is_some_and(|n| n > 0 && frame_id.is_multiple_of(n))
     {
         session.update(|report| report.track_frames_dropped += 1);
         return;
