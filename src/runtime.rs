@@ -58,6 +58,31 @@ impl Canceller {
     }
 }
 
+/// The cancellable waits of one element's streaming thread: `unlock()`
+/// aborts the pending wait and fails the next ones until `unlock_stop()`,
+/// as GstBaseSink/GstBaseSrc expect of their unlock virtual methods.
+#[derive(Debug, Default)]
+pub struct Waits(Mutex<Canceller>);
+
+impl Waits {
+    pub fn unlock(&self) {
+        self.0.lock().unwrap().cancel();
+    }
+
+    pub fn unlock_stop(&self) {
+        self.0.lock().unwrap().reset();
+    }
+
+    /// See [`wait`].
+    pub fn run<F, T>(&self, timeout: Option<Duration>, future: F) -> Result<T, WaitError>
+    where
+        F: Future<Output = T> + Send,
+        T: Send,
+    {
+        wait(&self.0, timeout, future)
+    }
+}
+
 /// Runs `future` on the plugin runtime from a non-runtime thread, blocking
 /// until it completes, `timeout` passes, or `canceller` is cancelled.
 pub fn wait<F, T>(

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::config::VideoTransport;
 use crate::protocol::keepalive::AckTracker;
 use crate::protocol::messages::{ack_message, find_image};
-use crate::runtime::{self, Canceller, WaitError};
+use crate::runtime::{self, WaitError, Waits};
 use crate::session::{FrameEvent, Session, SessionEvent, TrackItem, registry};
 
 pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -188,7 +188,7 @@ pub struct FrameSrc {
     pub params: Mutex<Params>,
     pub shared: Mutex<Shared>,
     state: Mutex<State>,
-    canceller: Mutex<Canceller>,
+    waits: Waits,
 }
 
 impl Default for FrameSrc {
@@ -197,7 +197,7 @@ impl Default for FrameSrc {
             params: Mutex::new(Params::default()),
             shared: Mutex::new(Shared::default()),
             state: Mutex::new(State::Idle),
-            canceller: Mutex::new(Canceller::default()),
+            waits: Waits::default(),
         }
     }
 }
@@ -247,12 +247,12 @@ impl BaseSrcImpl for FrameSrc {
     }
 
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.canceller.lock().unwrap().cancel();
+        self.waits.unlock();
         Ok(())
     }
 
     fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.canceller.lock().unwrap().reset();
+        self.waits.unlock_stop();
         Ok(())
     }
 
@@ -294,7 +294,7 @@ impl FrameSrc {
     }
 
     fn wait<T: Send>(&self, timeout: Option<Duration>, on_timeout: impl FnOnce() -> String, future: impl Future<Output = T> + Send) -> Result<T, Stop> {
-        match runtime::wait(&self.canceller, timeout, future) {
+        match self.waits.run(timeout, future) {
             Ok(value) => Ok(value),
             Err(WaitError::Cancelled) => Err(Stop::Flushing),
             Err(WaitError::TimedOut(_)) => Err(Stop::Error(on_timeout())),

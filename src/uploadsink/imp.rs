@@ -21,7 +21,7 @@ use crate::config::{
 };
 use crate::bus::{PROGRESS_MESSAGE, inference_structure};
 use crate::protocol::upload::UploadFramer;
-use crate::runtime::{self, Canceller, WaitError};
+use crate::runtime::{WaitError, Waits};
 use crate::session::{self, FrameEvent, Session, SessionEvent, Upload, registry};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -103,7 +103,7 @@ pub struct UploadSink {
     state: Mutex<State>,
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
     session: Mutex<Option<Arc<Session>>>,
-    canceller: Mutex<Canceller>,
+    waits: Waits,
     /// "undecided", "streamed" or "spooled", for `stats`.
     upload_mode: Mutex<&'static str>,
 }
@@ -114,7 +114,7 @@ impl Default for UploadSink {
             settings: Mutex::new(UploadSettings::default()),
             state: Mutex::new(State::Stopped),
             session: Mutex::new(None),
-            canceller: Mutex::new(Canceller::default()),
+            waits: Waits::default(),
             upload_mode: Mutex::new("undecided"),
         }
     }
@@ -421,12 +421,12 @@ impl BaseSinkImpl for UploadSink {
     }
 
     fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.canceller.lock().unwrap().cancel();
+        self.waits.unlock();
         Ok(())
     }
 
     fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.canceller.lock().unwrap().reset();
+        self.waits.unlock_stop();
         Ok(())
     }
 
@@ -516,7 +516,7 @@ impl UploadSink {
         timeout_message: impl FnOnce() -> String,
         future: impl Future<Output = Result<T, String>> + Send,
     ) -> Result<T, Stop> {
-        match runtime::wait(&self.canceller, timeout, future) {
+        match self.waits.run(timeout, future) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(failure(message)),
             Err(WaitError::Cancelled) => Err(Stop::Flushing),
