@@ -31,6 +31,8 @@ use std::time::Instant;
 use gst::prelude::*;
 
 struct Options {
+    /// Extra `--set name=value` sink properties (numbers, enums, booleans).
+    sets: Vec<(String, String)>,
     mode: String,
     file: String,
     api_url: Option<String>,
@@ -58,6 +60,7 @@ fn usage() -> ! {
 
 fn parse_options() -> Options {
     let mut options = Options {
+        sets: Vec::new(),
         mode: "data".into(),
         file: String::new(),
         api_url: None,
@@ -75,6 +78,11 @@ fn parse_options() -> Options {
             "--workflow-spec-file" => options.workflow_spec_file = value(),
             "--stream-output" => options.stream_output = Some(value()),
             "--data-output" => options.data_output = Some(value()),
+            "--set" => {
+                let pair = value();
+                let (name, value) = pair.split_once('=').unwrap_or_else(|| usage());
+                options.sets.push((name.to_owned(), value.to_owned()));
+            }
             _ => usage(),
         }
     }
@@ -123,6 +131,9 @@ fn run(options: &Options) -> Result<serde_json::Value, String> {
     // Strings verbatim (set_property, not from_str): paths and JSON must not
     // be parsed as GValues.
     upload.set_property("workflow-spec-file", &options.workflow_spec_file);
+    for (name, value) in &options.sets {
+        upload.set_property_from_str(name, value);
+    }
     if let Some(url) = &options.api_url {
         upload.set_property("api-url", url);
     }

@@ -115,7 +115,7 @@ fn every_documented_property_exists() {
         assert!(!pspec.blurb().unwrap_or_default().is_empty(), "{name} has a blurb");
     }
     assert_eq!(element.property::<u32>("chunk-size"), 49152);
-    assert_eq!(element.property::<u32>("buffer-limit"), 262144);
+    assert_eq!(element.property::<u32>("buffer-limit"), 131072);
     assert_eq!(element.property::<u32>("keepalive-interval"), 5000);
     assert_eq!(element.property::<String>("api-url"), "http://127.0.0.1:9001");
 }
