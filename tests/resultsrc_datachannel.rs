@@ -263,3 +263,23 @@ fn null_while_frames_flow_returns_within_a_second() {
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(1), "NULL took {elapsed:?}");
 }
+
+#[test]
+fn a_reserved_source_that_never_attaches_leaves_the_results_to_the_sink() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 10, 160, 120);
+    let worker = TestWorker::start(WorkerConfig::default());
+    // In READY it reserves the session, but it never runs.
+    let idle = launch("roboflowresultsrc session=reserved ! fakesink");
+    idle.set_state(gst::State::Ready).unwrap();
+    let upload = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session=reserved {} connect-timeout=1000",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let outcome = run(&upload, Duration::from_secs(60));
+    idle.set_state(gst::State::Null).unwrap();
+    assert!(outcome.eos, "the sink does not wait forever: {:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), 10, "the sink posts the results itself");
+}

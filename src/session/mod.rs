@@ -166,6 +166,7 @@ pub struct Session {
     events_tx: mpsc::Sender<SessionEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<SessionEvent>>>,
     consumer_attached: AtomicBool,
+    source_attached: watch::Sender<bool>,
     /// The sink, plus the result source once attached; the last to let go
     /// closes the session.
     holders: std::sync::atomic::AtomicUsize,
@@ -214,6 +215,7 @@ impl Session {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             consumer_attached: AtomicBool::new(false),
+            source_attached: watch::Sender::new(false),
             holders: std::sync::atomic::AtomicUsize::new(1),
             track_tx,
             track_rx: Mutex::new(Some(track_rx)),
@@ -340,6 +342,7 @@ impl Session {
         if taken.is_some() && by_result_source {
             self.consumer_attached.store(true, Ordering::Release);
             self.holders.fetch_add(1, Ordering::AcqRel);
+            self.source_attached.send_replace(true);
         }
         taken
     }
@@ -351,6 +354,11 @@ impl Session {
 
     pub fn track_packets_dropped(&self) -> u64 {
         self.track_packets_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once a result source has taken the results.
+    pub async fn wait_result_source(&self) {
+        let _ = self.source_attached.subscribe().wait_for(|attached| *attached).await;
     }
 
     pub fn has_result_source(&self) -> bool {

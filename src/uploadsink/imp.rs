@@ -476,6 +476,15 @@ impl BaseSinkImpl for UploadSink {
     }
 }
 
+/// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
+fn runtime_wait_soft(sink: &UploadSink, limit: Duration, future: impl Future<Output = ()> + Send) -> Result<bool, Stop> {
+    match sink.waits.run(Some(limit), future) {
+        Ok(()) => Ok(true),
+        Err(WaitError::Cancelled) => Err(Stop::Flushing),
+        Err(WaitError::TimedOut(_)) => Ok(false),
+    }
+}
+
 impl UploadSink {
     fn stats(&self) -> gst::Structure {
         match self.session.lock().unwrap().as_ref() {
@@ -814,8 +823,17 @@ impl UploadSink {
     }
 
     fn collect_results(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
-        // A result source that is starting will read the results.
-        let events = if registry::source_expected(session.name()) { None } else { session.take_events(false) };
+        // A result source that is starting will read the results; if it has
+        // not attached within connect-timeout, the sink reports them itself.
+        if registry::source_expected(session.name()) && !session.has_result_source() {
+            let limit = config.connect_timeout;
+            match runtime_wait_soft(self, limit, session.wait_result_source()) {
+                Err(Stop::Flushing) => return Err(Stop::Flushing),
+                Ok(true) => {}
+                _ => gst::warning!(CAT, imp = self, "the roboflowresultsrc reserved for session '{}' did not attach within {limit:?}: the sink posts the results", session.name()),
+            }
+        }
+        let events = session.take_events(false);
         let Some(mut events) = events else {
             // A roboflowresultsrc consumes the results; the job ends when it
             // has seen processing_complete.
