@@ -165,7 +165,6 @@ pub struct Session {
     control_channel: Mutex<Option<Arc<dyn DataChannel>>>,
     events_tx: mpsc::Sender<SessionEvent>,
     events_rx: Mutex<Option<mpsc::Receiver<SessionEvent>>>,
-    consumer_attached: AtomicBool,
     source_attached: watch::Sender<bool>,
     /// The sink, plus the result source once attached; the last to let go
     /// closes the session.
@@ -214,7 +213,6 @@ impl Session {
             control_channel: Mutex::new(None),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
-            consumer_attached: AtomicBool::new(false),
             source_attached: watch::Sender::new(false),
             holders: std::sync::atomic::AtomicUsize::new(1),
             track_tx,
@@ -340,7 +338,6 @@ impl Session {
     pub fn take_events(&self, by_result_source: bool) -> Option<mpsc::Receiver<SessionEvent>> {
         let taken = self.events_rx.lock().unwrap().take();
         if taken.is_some() && by_result_source {
-            self.consumer_attached.store(true, Ordering::Release);
             self.holders.fetch_add(1, Ordering::AcqRel);
             self.source_attached.send_replace(true);
         }
@@ -362,7 +359,7 @@ impl Session {
     }
 
     pub fn has_result_source(&self) -> bool {
-        self.consumer_attached.load(Ordering::Acquire)
+        *self.source_attached.borrow()
     }
 
     /// Next result event; a failure ends the stream even when the queue is
