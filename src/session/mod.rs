@@ -832,8 +832,9 @@ impl Session {
                 ));
             }
             gst::info!(CAT, "session {}: processing complete after {frames} frames", self.name);
-            // Queued before anyone learns of the completion: the sink may
-            // close the session as soon as it does.
+            self.set_phase(Phase::Complete);
+            // Queued before wait_complete() learns of it: a sink waiting there
+            // may close the session as soon as it does.
             let _ = self
                 .events_tx
                 .send(SessionEvent::Complete {
@@ -841,7 +842,6 @@ impl Session {
                     termination_reason: result.termination_reason,
                 })
                 .await;
-            self.set_phase(Phase::Complete);
             self.complete.send_replace(true);
             return Ok(true);
         }
