@@ -559,10 +559,6 @@ impl Session {
         });
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
     /// Runs `future` unless the session closes first.
     async fn unless_closed<T>(&self, future: impl Future<Output = T>) -> Result<T, String> {
         let mut failure = self.failure.subscribe();

@@ -586,7 +586,7 @@ impl UploadSink {
         }
         match mode {
             Mode::Undecided => unreachable!("decided above"),
-            Mode::Spooled(spool) => self.spool_write(spool, config, data),
+            Mode::Spooled(spool) => self.spool_write(spool, data),
             Mode::Streamed(streamed) => {
                 let consumed = streamed.framer.bytes_consumed();
                 if offset != u64::MAX /* GST_BUFFER_OFFSET_NONE */ && offset != consumed {
@@ -675,7 +675,7 @@ impl UploadSink {
         false
     }
 
-    fn spool_write(&self, spool: &mut Spool, _config: &SessionConfig, data: &[u8]) -> Result<(), Stop> {
+    fn spool_write(&self, spool: &mut Spool, data: &[u8]) -> Result<(), Stop> {
         let end = spool.position + data.len() as u64;
         let limit = self.settings.lock().unwrap().max_spool_size;
         if limit > 0 && end > limit {
