@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use futures::future::{AbortHandle, Abortable};
+use futures::future::{AbortHandle, AbortRegistration, Abortable};
 
 /// One runtime for every element and session of the plugin: webrtc-rs spawns
 /// its drivers on the ambient tokio runtime, so everything that touches a peer
@@ -81,6 +81,46 @@ impl Waits {
     {
         wait(&self.0, timeout, future)
     }
+
+    /// The first half of [`Waits::run`]: registers the wait, so that an
+    /// unlock() from now on aborts it, or fails at once when unlock() came
+    /// first. For a thread that must release a lock between the two halves
+    /// (an unlock_stop() taken under that lock could otherwise re-arm the
+    /// canceller before the wait begins, and the unlock would be lost).
+    pub fn arm(&self) -> Result<Armed<'_>, WaitError> {
+        Ok(Armed { waits: self, registration: register(&self.0)? })
+    }
+
+    /// True between unlock() and unlock_stop().
+    pub fn is_cancelled(&self) -> bool {
+        matches!(*self.0.lock().unwrap(), Canceller::Cancelled)
+    }
+}
+
+/// A wait registered by [`Waits::arm`], ready to block.
+pub struct Armed<'a> {
+    waits: &'a Waits,
+    registration: AbortRegistration,
+}
+
+impl Armed<'_> {
+    pub fn block<F, T>(self, timeout: Option<Duration>, future: F) -> Result<T, WaitError>
+    where
+        F: Future<Output = T> + Send,
+        T: Send,
+    {
+        block(&self.waits.0, self.registration, timeout, future)
+    }
+}
+
+fn register(canceller: &Mutex<Canceller>) -> Result<AbortRegistration, WaitError> {
+    let (handle, registration) = AbortHandle::new_pair();
+    let mut guard = canceller.lock().unwrap();
+    if matches!(*guard, Canceller::Cancelled) {
+        return Err(WaitError::Cancelled);
+    }
+    *guard = Canceller::Waiting(handle);
+    Ok(registration)
 }
 
 /// Runs `future` on the plugin runtime from a non-runtime thread, blocking
@@ -94,15 +134,19 @@ where
     F: Future<Output = T> + Send,
     T: Send,
 {
-    let (handle, registration) = AbortHandle::new_pair();
-    {
-        let mut guard = canceller.lock().unwrap();
-        if matches!(*guard, Canceller::Cancelled) {
-            return Err(WaitError::Cancelled);
-        }
-        *guard = Canceller::Waiting(handle);
-    }
+    block(canceller, register(canceller)?, timeout, future)
+}
 
+fn block<F, T>(
+    canceller: &Mutex<Canceller>,
+    registration: AbortRegistration,
+    timeout: Option<Duration>,
+    future: F,
+) -> Result<T, WaitError>
+where
+    F: Future<Output = T> + Send,
+    T: Send,
+{
     let abortable = Abortable::new(future, registration);
     let outcome = RUNTIME.block_on(async move {
         match timeout {
@@ -139,6 +183,30 @@ mod tests {
         let limit = Duration::from_millis(20);
         let outcome = wait(&canceller, Some(limit), futures::future::pending::<()>());
         assert_eq!(outcome, Err(WaitError::TimedOut(limit)));
+    }
+
+    #[test]
+    fn an_unlock_after_arming_aborts_the_wait_even_after_unlock_stop() {
+        // The sink arms, releases its lock, then blocks: unlock() and
+        // unlock_stop() may both come in between.
+        let waits = Waits::default();
+        let armed = waits.arm().unwrap();
+        waits.unlock();
+        waits.unlock_stop();
+        let outcome = armed.block(Some(Duration::from_secs(10)), futures::future::pending::<()>());
+        assert_eq!(outcome, Err(WaitError::Cancelled));
+        assert!(!waits.is_cancelled());
+        assert_eq!(waits.run(None, async { 3 }), Ok(3));
+    }
+
+    #[test]
+    fn arming_after_unlock_fails_until_unlock_stop() {
+        let waits = Waits::default();
+        waits.unlock();
+        assert!(waits.is_cancelled());
+        assert!(matches!(waits.arm(), Err(WaitError::Cancelled)));
+        waits.unlock_stop();
+        assert!(waits.arm().is_ok());
     }
 
     #[test]

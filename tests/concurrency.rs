@@ -69,7 +69,7 @@ fn eight_pairs_at_once_stay_apart() {
     for (i, job) in jobs.into_iter().enumerate() {
         let (outcome, frames, metas_ok) = job.join().unwrap();
         let expected = clips[i].0 as usize;
-        assert!(outcome.eos, "pair {i}: {:?}", outcome.error);
+        assert!(outcome.eos, "pair {i}: {:?} (warnings: {:?})", outcome.error, outcome.warnings);
         assert_eq!(frames, expected, "pair {i} got another session's frames");
         assert_eq!(metas_ok, expected, "pair {i}: every frame carries its own frame-id");
         assert_eq!(outcome.named("roboflow-inference").len(), expected, "pair {i}: one message per frame");

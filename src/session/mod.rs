@@ -9,6 +9,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt as _;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -141,6 +142,9 @@ struct Counters {
     total_chunks: AtomicU64,
     frames_received: AtomicU64,
 }
+
+/// An upload whose last chunk is queued (see [`Session::end_upload`]).
+pub struct UploadEnd(futures::future::Shared<oneshot::Receiver<Result<(), String>>>);
 
 /// The sink's end of an upload in progress.
 pub struct Upload {
@@ -429,14 +433,20 @@ impl Session {
         }
     }
 
-    /// Waits until every queued chunk has been handed to the data channel.
-    pub async fn finish_upload(&self, upload: Upload) -> Result<(), String> {
+    /// No more chunks: the upload task ends once the queued ones are sent.
+    pub fn end_upload(upload: Upload) -> UploadEnd {
         let Upload { chunks, finished } = upload;
         drop(chunks);
+        UploadEnd(finished.shared())
+    }
+
+    /// Waits until every queued chunk has been handed to the data channel;
+    /// may be called again after a cancelled wait.
+    pub async fn upload_ended(&self, end: &UploadEnd) -> Result<(), String> {
         tokio::select! {
             biased;
             message = self.failed() => Err(message),
-            outcome = finished => outcome.unwrap_or_else(|_| Err("the upload task was cancelled".to_owned())),
+            outcome = end.0.clone() => outcome.unwrap_or_else(|_| Err("the upload task was cancelled".to_owned())),
         }
     }
 

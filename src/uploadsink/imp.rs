@@ -476,9 +476,35 @@ impl BaseSinkImpl for UploadSink {
     }
 }
 
+/// The PREROLL_LOCK of a GstBaseSink, released for as long as this lives.
+struct PrerollLockReleased(*mut glib::ffi::GMutex);
+
+impl PrerollLockReleased {
+    /// # Safety
+    /// The calling thread holds `sink`'s PREROLL_LOCK.
+    unsafe fn new(sink: &gst_base::BaseSink) -> Self {
+        // SAFETY: `sink` is a live GstBaseSink; its preroll_lock is a public
+        // field of the instance struct, locked by this thread (caller's
+        // contract).
+        unsafe {
+            let lock = &raw mut (*sink.as_ptr()).preroll_lock;
+            glib::ffi::g_mutex_unlock(lock);
+            Self(lock)
+        }
+    }
+}
+
+impl Drop for PrerollLockReleased {
+    fn drop(&mut self) {
+        // SAFETY: the lock was released by this thread in new() and the sink
+        // outlives the wait (the streaming thread holds a reference to it).
+        unsafe { glib::ffi::g_mutex_lock(self.0) };
+    }
+}
+
 /// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
-fn runtime_wait_soft(sink: &UploadSink, limit: Duration, future: impl Future<Output = ()> + Send) -> Result<bool, Stop> {
-    match sink.waits.run(Some(limit), future) {
+fn runtime_wait_soft<F: Future<Output = ()> + Send>(sink: &UploadSink, limit: Duration, make: impl FnMut() -> F) -> Result<bool, Stop> {
+    match sink.run_wait(Some(limit), make) {
         Ok(()) => Ok(true),
         Err(WaitError::Cancelled) => Err(Stop::Flushing),
         Err(WaitError::TimedOut(_)) => Ok(false),
@@ -518,14 +544,82 @@ impl UploadSink {
         }
     }
 
-    /// Runs `future` on the plugin runtime, cancellable by unlock().
-    fn wait<T: Send>(
+    /// Every wait of the streaming thread: on the plugin runtime, with the
+    /// base class's PREROLL_LOCK released, ended by unlock().
+    ///
+    /// GstBaseSink calls render() and the serialized events with that lock
+    /// held, and its PAUSED->PLAYING change takes it. A first buffer that
+    /// arrives while that change is under way is rendered before the change
+    /// completes (the sink commits to PLAYING itself), so a long wait that
+    /// kept the lock held the change, and with it every element the pipeline
+    /// had not yet set to PLAYING: a roboflowresultsrc in the same pipeline
+    /// could not start, and the EOS wait for it ran into connect-timeout.
+    /// GstBaseSink releases the lock the same way around its clock waits.
+    ///
+    /// A pause (PLAYING->PAUSED unlocks us too) is not the end of the job:
+    /// the wait resumes, with a fresh future from `make`, once the pipeline
+    /// plays again; only a flush or a stop ends it.
+    fn run_wait<T: Send, F: Future<Output = T> + Send>(
+        &self,
+        timeout: Option<Duration>,
+        mut make: impl FnMut() -> F,
+    ) -> Result<T, WaitError> {
+        loop {
+            // Armed under the lock: an unlock() from here on is not lost,
+            // even if the state change also calls unlock_stop() before the
+            // wait begins.
+            if let Ok(armed) = self.waits.arm() {
+                let outcome = {
+                    // SAFETY: every caller runs on the streaming thread inside
+                    // render() or a serialized event, where GstBaseSink holds
+                    // the PREROLL_LOCK (gst_base_sink_chain_main,
+                    // gst_base_sink_event); the guard takes it back before
+                    // returning, panics included.
+                    let _released = unsafe { PrerollLockReleased::new(self.obj().upcast_ref()) };
+                    armed.block(timeout, make())
+                };
+                if !matches!(outcome, Err(WaitError::Cancelled)) {
+                    return outcome;
+                }
+            }
+            if !self.resume_after_unlock() {
+                return Err(WaitError::Cancelled);
+            }
+        }
+    }
+
+    /// After an unlock(), with the PREROLL_LOCK held again: false for a
+    /// flush or a stop; true once the pipeline plays again after a pause.
+    fn resume_after_unlock(&self) -> bool {
+        let sink = self.obj();
+        let base = sink.upcast_ref::<gst_base::BaseSink>();
+        // SAFETY: `flushing` is written under the PREROLL_LOCK, which this
+        // thread holds again.
+        let flushing = unsafe { (*base.as_ptr()).flushing } != glib::ffi::GFALSE;
+        if flushing {
+            return false;
+        }
+        let settled_playing = sink.current_state() == gst::State::Playing
+            && sink.pending_state() == gst::State::VoidPending
+            && !self.waits.is_cancelled();
+        if settled_playing {
+            // Paused and played again while the lock was released.
+            return true;
+        }
+        // A pause, or a flush whose thread waits for the lock: wait_preroll
+        // releases the lock and returns at PLAYING, or fails on a flush.
+        gst::debug!(CAT, imp = self, "paused while waiting: waiting to play again");
+        base.wait_preroll().is_ok()
+    }
+
+    /// Runs the future `make` gives on the plugin runtime (see run_wait).
+    fn wait<T: Send, F: Future<Output = Result<T, String>> + Send>(
         &self,
         timeout: Option<Duration>,
         timeout_message: impl FnOnce() -> String,
-        future: impl Future<Output = Result<T, String>> + Send,
+        make: impl FnMut() -> F,
     ) -> Result<T, Stop> {
-        match self.waits.run(timeout, future) {
+        match self.run_wait(timeout, make) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(failure(message)),
             Err(WaitError::Cancelled) => Err(Stop::Flushing),
@@ -538,7 +632,7 @@ impl UploadSink {
         self.wait(
             Some(limit),
             || format!("no session with the server at {} within {:.1} s (connect-timeout)", config.api_url, limit.as_secs_f64()),
-            session.wait_connected(),
+            || session.wait_connected(),
         )
     }
 
@@ -713,7 +807,7 @@ impl UploadSink {
                     stats.total_chunks
                 )
             },
-            session.send_chunk(upload, chunk),
+            || session.send_chunk(upload, chunk.clone()),
         )
     }
 
@@ -775,11 +869,12 @@ impl UploadSink {
             }
             Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress)?,
         };
+        let end = Session::end_upload(upload);
         let stall = config.stall_timeout;
         self.wait(
             Some(stall),
             || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
-            session.finish_upload(upload),
+            || session.upload_ended(&end),
         )?;
         self.progress_message(session, progress, true);
         Ok(())
@@ -827,18 +922,21 @@ impl UploadSink {
         // not attached within connect-timeout, the sink reports them itself.
         if registry::source_expected(session.name()) && !session.has_result_source() {
             let limit = config.connect_timeout;
-            match runtime_wait_soft(self, limit, session.wait_result_source()) {
+            match runtime_wait_soft(self, limit, || session.wait_result_source()) {
                 Err(Stop::Flushing) => return Err(Stop::Flushing),
                 Ok(true) => {}
                 _ => gst::warning!(CAT, imp = self, "the roboflowresultsrc reserved for session '{}' did not attach within {limit:?}: the sink posts the results", session.name()),
             }
         }
         let events = session.take_events(false);
-        let Some(mut events) = events else {
+        let Some(events) = events else {
             // A roboflowresultsrc consumes the results; the job ends when it
             // has seen processing_complete.
-            return self.wait(None, String::new, session.wait_complete());
+            return self.wait(None, String::new, || session.wait_complete());
         };
+        // Behind an async mutex so that a wait resumed after a pause can
+        // borrow the receiver again.
+        let events = tokio::sync::Mutex::new(events);
         let stall = config.stall_timeout;
         loop {
             let event = self.wait(
@@ -850,7 +948,7 @@ impl UploadSink {
                         session.stats().frames_received
                     )
                 },
-                async { Ok(session.next_event(&mut events).await) },
+                || async { Ok(session.next_event(&mut *events.lock().await).await) },
             )?;
             match event {
                 SessionEvent::Frame(frame) => self.post_inference(&frame),

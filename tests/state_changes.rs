@@ -1,0 +1,133 @@
+// While roboflowuploadsink waits on the server inside render() or at EOS,
+// GstBaseSink's PREROLL_LOCK stays free: state changes and the base class's
+// own properties go on. A wait that held it blocked the pipeline's change to
+// PLAYING when the first buffer raced that change; a roboflowresultsrc of
+// the same pipeline then never started and the job failed after
+// connect-timeout (seen once in CI, in the eight-pairs concurrency test).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::harness::*;
+use common::worker::{Fault, TestWorker, WorkerConfig};
+use gst::prelude::*;
+
+fn phase(sink: &gst::Element) -> String {
+    sink.property::<gst::Structure>("stats").get::<String>("phase").unwrap()
+}
+
+#[test]
+fn a_render_waiting_for_the_server_leaves_the_preroll_lock_free() {
+    init();
+    let worker = TestWorker::start(WorkerConfig {
+        faults: vec![Fault::DelayAnswer(Duration::from_secs(4))],
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink name=sink {}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let sink = sink_of(&pipeline, "sink");
+    pipeline.set_state(gst::State::Playing).unwrap();
+
+    // filesrc's first buffer reaches render() at once, which then waits for
+    // the server's delayed answer.
+    let bus = pipeline.bus().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut playing = false;
+    while !playing && Instant::now() < deadline {
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        match message.view() {
+            gst::MessageView::Error(err) => panic!("unexpected error: {}", err.error()),
+            gst::MessageView::StateChanged(change) => {
+                playing = change.src().is_some_and(|s| s.is::<gst::Pipeline>()) && change.current() == gst::State::Playing;
+            }
+            _ => {}
+        }
+    }
+    assert!(playing, "the pipeline never reached PLAYING");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(phase(&sink), "connecting", "the answer is delayed: render() is still waiting");
+
+    // GstBaseSink sets `async` under its PREROLL_LOCK.
+    sink.set_property("async", false);
+    assert_eq!(
+        phase(&sink),
+        "connecting",
+        "setting 'async' waited for render() to finish: the wait held the PREROLL_LOCK"
+    );
+
+    // The job still completes once the answer comes.
+    let outcome = run(&pipeline, Duration::from_secs(60));
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), 5);
+}
+
+/// Plays until `ready`, pauses for a while, plays again: the job completes
+/// as if never paused (the upload byte-exact, every frame reported).
+fn pause_and_resume(worker: WorkerConfig, ready: impl Fn(&gst::Message) -> bool) {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let frames = 30;
+    let clip = make_clip(&dir.path().join("clip.mp4"), frames, 320, 240);
+    let sha = sha256_file(&clip);
+    let worker = TestWorker::start(worker);
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink name=sink buffer-limit=65536 {}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reached = false;
+    let mut messages_before = 0;
+    while !reached && Instant::now() < deadline {
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) else { continue };
+        match message.view() {
+            gst::MessageView::Error(err) => panic!("unexpected error before the pause: {}", err.error()),
+            gst::MessageView::Eos(_) => panic!("the job ended before the pause"),
+            _ => {}
+        }
+        if message.structure().is_some_and(|s| s.name() == "roboflow-inference") {
+            messages_before += 1;
+        }
+        reached = ready(&message);
+    }
+    assert!(reached, "the phase to pause in was never reached");
+
+    assert_ne!(pipeline.set_state(gst::State::Paused), Err(gst::StateChangeError));
+    std::thread::sleep(Duration::from_millis(700));
+    let outcome = run(&pipeline, Duration::from_secs(60));
+    assert!(outcome.eos, "no EOS after resuming: {:?}", outcome.error);
+    assert_eq!(
+        messages_before + outcome.named("roboflow-inference").len(),
+        frames as usize,
+        "one message per frame, across the pause"
+    );
+    let sessions = worker.wait_for_sessions(1, Duration::from_secs(5));
+    assert_eq!(sessions[0].upload_sha256.as_deref(), Some(sha.as_str()), "the upload is byte-exact");
+}
+
+#[test]
+fn a_pause_mid_upload_resumes_the_upload() {
+    pause_and_resume(
+        WorkerConfig { upload_read_delay: Some(Duration::from_millis(100)), ..Default::default() },
+        |message| {
+            message.structure().is_some_and(|s| {
+                s.name() == "roboflow-upload-progress" && s.get::<u64>("uploaded-chunks").unwrap_or(0) >= 1
+            })
+        },
+    );
+}
+
+#[test]
+fn a_pause_while_results_arrive_resumes_the_results() {
+    pause_and_resume(WorkerConfig::default(), |message| {
+        message.structure().is_some_and(|s| s.name() == "roboflow-inference")
+    });
+}
