@@ -29,6 +29,12 @@ pub const MAX_CHUNK_SIZE_U32: u32 = MAX_CHUNK_SIZE as u32;
 /// must be longer than that, and tiny chunks only multiply per-message costs.
 pub const MIN_CHUNK_SIZE: u32 = 1024;
 pub const MIN_BUFFER_LIMIT: u32 = 64 * 1024;
+/// `sctp-mtu` 0: chosen from the path (see [`SessionConfig::sctp_mtu`]).
+pub const AUTO_SCTP_MTU: u32 = 0;
+pub const MIN_SCTP_MTU: u32 = 512;
+/// The largest SCTP packet the server takes: aiortc reads each DTLS record
+/// with `recv(1500)` and loses what lies beyond.
+pub const MAX_SCTP_MTU: u32 = 1500;
 pub const DEFAULT_MAX_RESULT_SIZE: u64 = 64 << 20;
 pub const MIN_MAX_RESULT_SIZE: u64 = 64 << 10;
 
@@ -109,6 +115,7 @@ pub struct UploadSettings {
     pub stall_timeout_ms: u32,
     pub chunk_size: u32,
     pub buffer_limit: u32,
+    pub sctp_mtu: u32,
     pub keepalive_interval_ms: u32,
     pub spool_dir: Option<String>,
     pub max_spool_size: u64,
@@ -160,6 +167,7 @@ impl Default for UploadSettings {
             stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
             chunk_size: DEFAULT_CHUNK_SIZE_U32,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            sctp_mtu: AUTO_SCTP_MTU,
             keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
             spool_dir: None,
             max_spool_size: 0,
@@ -226,6 +234,9 @@ pub struct SessionConfig {
     pub stall_timeout: Duration,
     pub chunk_size: usize,
     pub buffer_limit: usize,
+    /// Size of the SCTP packets we send; None: webrtc-rs's default (1191
+    /// bytes, safe on any path, TURN and IPv6 included).
+    pub sctp_mtu: Option<u32>,
     pub keepalive_interval: Duration,
     /// Largest reassembled result of one frame (gzip inflates to at most 4x).
     pub max_result_size: usize,
@@ -471,6 +482,15 @@ impl UploadSettings {
                 ),
             ));
         }
+        if self.sctp_mtu != AUTO_SCTP_MTU && !(MIN_SCTP_MTU..=MAX_SCTP_MTU).contains(&self.sctp_mtu) {
+            return Err(config_error(
+                "sctp-mtu",
+                format!(
+                    "{} is out of range {MIN_SCTP_MTU}..={MAX_SCTP_MTU} (0: automatic); the server reads at most {MAX_SCTP_MTU} bytes of each packet",
+                    self.sctp_mtu
+                ),
+            ));
+        }
         if self.max_result_size < MIN_MAX_RESULT_SIZE {
             return Err(config_error(
                 "max-result-size",
@@ -489,6 +509,17 @@ impl UploadSettings {
             Some(text) => parse_bind_address(text)?,
             None if is_loopback_host(&api_url) => SocketAddr::from(([127, 0, 0, 1], 0)),
             None => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+
+        // A loopback path carries datagrams far larger than any Ethernet
+        // MTU, and a loopback host candidate can only reach the loopback
+        // (unless a TURN relay, from ice-servers, stands between): there,
+        // the largest packet the server takes cuts the packet count by a
+        // fifth, and with it both sides' per-packet work.
+        let sctp_mtu = match self.sctp_mtu {
+            AUTO_SCTP_MTU if udp_bind_address.ip().is_loopback() && ice_servers.is_empty() => Some(MAX_SCTP_MTU),
+            AUTO_SCTP_MTU => None,
+            mtu => Some(mtu),
         };
 
         if let Some(dir) = non_empty(&self.spool_dir) {
@@ -519,6 +550,7 @@ impl UploadSettings {
             stall_timeout: Duration::from_millis(self.stall_timeout_ms.into()),
             chunk_size: chunk_size as usize,
             buffer_limit: self.buffer_limit as usize,
+            sctp_mtu,
             keepalive_interval: Duration::from_millis(self.keepalive_interval_ms.into()),
             max_result_size: usize::try_from(self.max_result_size).unwrap_or(usize::MAX),
         })
@@ -653,6 +685,21 @@ mod tests {
     }
 
     #[test]
+    fn sctp_mtu_is_the_servers_largest_only_on_a_loopback_path() {
+        let mtu = |settings: UploadSettings| settings.validate().unwrap().sctp_mtu;
+        // The default: a loopback server, so a loopback bind address.
+        assert_eq!(mtu(with_spec()), Some(MAX_SCTP_MTU));
+        assert_eq!(mtu(UploadSettings { udp_bind_address: Some("127.0.0.1:0".into()), ..with_spec() }), Some(MAX_SCTP_MTU));
+        // A path that may leave the host keeps webrtc-rs's safe default.
+        assert_eq!(mtu(UploadSettings { api_url: "https://example.com".into(), ..with_spec() }), None);
+        assert_eq!(mtu(UploadSettings { udp_bind_address: Some("0.0.0.0:0".into()), ..with_spec() }), None);
+        assert_eq!(mtu(UploadSettings { ice_servers: Some("turn://user:password@127.0.0.1:3478".into()), ..with_spec() }), None);
+        // An explicit value wins, either way.
+        assert_eq!(mtu(UploadSettings { sctp_mtu: 1200, ..with_spec() }), Some(1200));
+        assert_eq!(mtu(UploadSettings { sctp_mtu: 1400, api_url: "https://example.com".into(), ..with_spec() }), Some(1400));
+    }
+
+    #[test]
     fn numbers_out_of_range_name_the_property() {
         for (settings, property) in [
             (UploadSettings { chunk_size: 65529, ..with_spec() }, "chunk-size"),
@@ -664,6 +711,8 @@ mod tests {
             (UploadSettings { api_url: "ftp://x".into(), ..with_spec() }, "api-url"),
             (UploadSettings { udp_bind_address: Some("nope".into()), ..with_spec() }, "udp-bind-address"),
             (UploadSettings { spool_dir: Some("/nonexistent/dir".into()), ..with_spec() }, "spool-dir"),
+            (UploadSettings { sctp_mtu: 1501, ..with_spec() }, "sctp-mtu"),
+            (UploadSettings { sctp_mtu: 100, ..with_spec() }, "sctp-mtu"),
         ] {
             assert_eq!(settings.validate().unwrap_err().property, property);
         }

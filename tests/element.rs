@@ -109,13 +109,14 @@ fn every_documented_property_exists() {
         "workflow-parameters", "stream-output", "data-output", "video-transport",
         "realtime-processing", "declared-fps", "processing-timeout", "requested-plan",
         "requested-region", "ice-servers", "udp-bind-address", "connect-timeout", "stall-timeout",
-        "chunk-size", "buffer-limit", "keepalive-interval", "spool-dir", "session", "stats",
+        "chunk-size", "buffer-limit", "sctp-mtu", "keepalive-interval", "spool-dir", "session", "stats",
     ] {
         let pspec = element.find_property(name).unwrap_or_else(|| panic!("no property {name}"));
         assert!(!pspec.blurb().unwrap_or_default().is_empty(), "{name} has a blurb");
     }
     assert_eq!(element.property::<u32>("chunk-size"), 49152);
     assert_eq!(element.property::<u32>("buffer-limit"), 131072);
+    assert_eq!(element.property::<u32>("sctp-mtu"), 0);
     assert_eq!(element.property::<u32>("keepalive-interval"), 5000);
     assert_eq!(element.property::<String>("api-url"), "http://127.0.0.1:9001");
 }

@@ -613,9 +613,11 @@ impl Session {
             .map_err(|err| webrtc_error("registering interceptors failed", err))?;
         // mDNS candidates would hide our address from the server and can make
         // building the connection fail on hosts without multicast.
-        let settings = SettingEngineBuilder::new()
-            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-            .build();
+        let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled);
+        if let Some(mtu) = config.sctp_mtu {
+            settings = settings.with_sctp_mtu(mtu);
+        }
+        let settings = settings.build();
         let ice_servers = config
             .ice_servers
             .iter()

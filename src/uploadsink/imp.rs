@@ -219,6 +219,14 @@ impl ObjectImpl for UploadSink {
                     .default_value(config::DEFAULT_BUFFER_LIMIT)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("sctp-mtu")
+                    .nick("SCTP MTU")
+                    .blurb("Bytes in each SCTP packet sent to the server (one UDP datagram plus DTLS overhead). 0: 1500 when udp-bind-address is a loopback address and no ice-servers are set (a loopback path), else 1191 (safe on any path, TURN and IPv6 included)")
+                    .minimum(0)
+                    .maximum(config::MAX_SCTP_MTU)
+                    .default_value(config::AUTO_SCTP_MTU)
+                    .mutable_ready()
+                    .build(),
                 ms_property("keepalive-interval", "Keepalive interval", "Milliseconds between 1-byte keepalives during the upload (0: off)", 0, config::DEFAULT_KEEPALIVE_INTERVAL_MS),
                 glib::ParamSpecUInt64::builder("max-spool-size")
                     .nick("Max spool size")
@@ -294,6 +302,7 @@ impl ObjectImpl for UploadSink {
             "stall-timeout" => settings.stall_timeout_ms = value.get().expect("type checked upstream"),
             "chunk-size" => settings.chunk_size = value.get().expect("type checked upstream"),
             "buffer-limit" => settings.buffer_limit = value.get().expect("type checked upstream"),
+            "sctp-mtu" => settings.sctp_mtu = value.get().expect("type checked upstream"),
             "keepalive-interval" => settings.keepalive_interval_ms = value.get().expect("type checked upstream"),
             "spool-dir" => settings.spool_dir = text(),
             "max-spool-size" => settings.max_spool_size = value.get().expect("type checked upstream"),
@@ -335,6 +344,7 @@ impl ObjectImpl for UploadSink {
             "stall-timeout" => settings.stall_timeout_ms.to_value(),
             "chunk-size" => settings.chunk_size.to_value(),
             "buffer-limit" => settings.buffer_limit.to_value(),
+            "sctp-mtu" => settings.sctp_mtu.to_value(),
             "keepalive-interval" => settings.keepalive_interval_ms.to_value(),
             "spool-dir" => settings.spool_dir.to_value(),
             "max-spool-size" => settings.max_spool_size.to_value(),
