@@ -73,13 +73,14 @@ impl Waits {
         self.0.lock().unwrap().reset();
     }
 
-    /// See [`wait`].
+    /// Runs `future` on the plugin runtime from a non-runtime thread,
+    /// blocking until it completes, `timeout` passes, or unlock().
     pub fn run<F, T>(&self, timeout: Option<Duration>, future: F) -> Result<T, WaitError>
     where
         F: Future<Output = T> + Send,
         T: Send,
     {
-        wait(&self.0, timeout, future)
+        self.arm()?.block(timeout, future)
     }
 
     /// The first half of [`Waits::run`]: registers the wait, so that an
@@ -88,7 +89,13 @@ impl Waits {
     /// (an unlock_stop() taken under that lock could otherwise re-arm the
     /// canceller before the wait begins, and the unlock would be lost).
     pub fn arm(&self) -> Result<Armed<'_>, WaitError> {
-        Ok(Armed { waits: self, registration: register(&self.0)? })
+        let (handle, registration) = AbortHandle::new_pair();
+        let mut canceller = self.0.lock().unwrap();
+        if matches!(*canceller, Canceller::Cancelled) {
+            return Err(WaitError::Cancelled);
+        }
+        *canceller = Canceller::Waiting(handle);
+        Ok(Armed { waits: self, registration })
     }
 
     /// True between unlock() and unlock_stop().
@@ -109,61 +116,23 @@ impl Armed<'_> {
         F: Future<Output = T> + Send,
         T: Send,
     {
-        block(&self.waits.0, self.registration, timeout, future)
-    }
-}
-
-fn register(canceller: &Mutex<Canceller>) -> Result<AbortRegistration, WaitError> {
-    let (handle, registration) = AbortHandle::new_pair();
-    let mut guard = canceller.lock().unwrap();
-    if matches!(*guard, Canceller::Cancelled) {
-        return Err(WaitError::Cancelled);
-    }
-    *guard = Canceller::Waiting(handle);
-    Ok(registration)
-}
-
-/// Runs `future` on the plugin runtime from a non-runtime thread, blocking
-/// until it completes, `timeout` passes, or `canceller` is cancelled.
-pub fn wait<F, T>(
-    canceller: &Mutex<Canceller>,
-    timeout: Option<Duration>,
-    future: F,
-) -> Result<T, WaitError>
-where
-    F: Future<Output = T> + Send,
-    T: Send,
-{
-    block(canceller, register(canceller)?, timeout, future)
-}
-
-fn block<F, T>(
-    canceller: &Mutex<Canceller>,
-    registration: AbortRegistration,
-    timeout: Option<Duration>,
-    future: F,
-) -> Result<T, WaitError>
-where
-    F: Future<Output = T> + Send,
-    T: Send,
-{
-    let abortable = Abortable::new(future, registration);
-    let outcome = RUNTIME.block_on(async move {
-        match timeout {
-            Some(limit) => match tokio::time::timeout(limit, abortable).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(_aborted)) => Err(WaitError::Cancelled),
-                Err(_elapsed) => Err(WaitError::TimedOut(limit)),
-            },
-            None => abortable.await.map_err(|_aborted| WaitError::Cancelled),
+        let abortable = Abortable::new(future, self.registration);
+        let outcome = RUNTIME.block_on(async move {
+            match timeout {
+                Some(limit) => match tokio::time::timeout(limit, abortable).await {
+                    Ok(Ok(value)) => Ok(value),
+                    Ok(Err(_aborted)) => Err(WaitError::Cancelled),
+                    Err(_elapsed) => Err(WaitError::TimedOut(limit)),
+                },
+                None => abortable.await.map_err(|_aborted| WaitError::Cancelled),
+            }
+        });
+        let mut canceller = self.waits.0.lock().unwrap();
+        if matches!(*canceller, Canceller::Waiting(_)) {
+            *canceller = Canceller::Idle;
         }
-    });
-
-    let mut guard = canceller.lock().unwrap();
-    if matches!(*guard, Canceller::Waiting(_)) {
-        *guard = Canceller::Idle;
+        outcome
     }
-    outcome
 }
 
 #[cfg(test)]
@@ -173,15 +142,13 @@ mod tests {
 
     #[test]
     fn wait_returns_value() {
-        let canceller = Mutex::new(Canceller::Idle);
-        assert_eq!(wait(&canceller, None, async { 7 }), Ok(7));
+        assert_eq!(Waits::default().run(None, async { 7 }), Ok(7));
     }
 
     #[test]
     fn wait_times_out() {
-        let canceller = Mutex::new(Canceller::Idle);
         let limit = Duration::from_millis(20);
-        let outcome = wait(&canceller, Some(limit), futures::future::pending::<()>());
+        let outcome = Waits::default().run(Some(limit), futures::future::pending::<()>());
         assert_eq!(outcome, Err(WaitError::TimedOut(limit)));
     }
 
@@ -210,27 +177,23 @@ mod tests {
     }
 
     #[test]
-    fn cancel_aborts_a_pending_wait_and_blocks_later_ones_until_reset() {
-        let canceller = Arc::new(Mutex::new(Canceller::Idle));
-        let remote = canceller.clone();
-        let cancel_thread = std::thread::spawn(move || {
+    fn unlock_aborts_a_pending_wait_and_fails_later_ones_until_unlock_stop() {
+        let waits = Arc::new(Waits::default());
+        let remote = waits.clone();
+        let unlocker = std::thread::spawn(move || {
             for _ in 0..200 {
-                if matches!(*remote.lock().unwrap(), Canceller::Waiting(_)) {
+                if matches!(*remote.0.lock().unwrap(), Canceller::Waiting(_)) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            remote.lock().unwrap().cancel();
+            remote.unlock();
         });
-        let outcome = wait(
-            &canceller,
-            Some(Duration::from_secs(10)),
-            futures::future::pending::<()>(),
-        );
-        cancel_thread.join().unwrap();
+        let outcome = waits.run(Some(Duration::from_secs(10)), futures::future::pending::<()>());
+        unlocker.join().unwrap();
         assert_eq!(outcome, Err(WaitError::Cancelled));
-        assert_eq!(wait(&canceller, None, async { 1 }), Err(WaitError::Cancelled));
-        canceller.lock().unwrap().reset();
-        assert_eq!(wait(&canceller, None, async { 2 }), Ok(2));
+        assert_eq!(waits.run(None, async { 1 }), Err(WaitError::Cancelled));
+        waits.unlock_stop();
+        assert_eq!(waits.run(None, async { 2 }), Ok(2));
     }
 }
