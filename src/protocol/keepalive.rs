@@ -130,21 +130,39 @@ impl KeepaliveTracker {
     }
 }
 
-/// Cumulative acks for the `inference` channel: `{"ack": N}` means "frames
-/// 1..=N are handled". Frames may be handled out of order; the ack never
-/// passes a frame that is not handled yet.
+/// Cumulative acks for the `inference` channel. The server reads `{"ack":
+/// N}` as "frames 1..=N are handled" and then produces frame K only while
+/// K <= N + 1 (its window). Frames may be handled out of order; the ack
+/// never passes a frame that is not handled yet, plus the lead.
+///
+/// The lead is a credit: acks run that many frames ahead of the handled
+/// ones, so the server never waits an ack round trip while the client has
+/// room for that many more, and still stops within the lead when handling
+/// stops. Without one, each frame cost a round trip: 900 720p frames took
+/// 160 s against the Python SDK's 154 s (which never acks).
 #[derive(Debug, Clone, Default)]
 pub struct AckTracker {
     /// Highest N such that frames 1..=N are all handled (0: none yet).
     contiguous: u64,
     /// Handled frames above a gap.
     ahead: BTreeSet<u64>,
+    lead: u64,
     acks_sent: u64,
 }
 
 impl AckTracker {
     pub fn new() -> Self {
         AckTracker::default()
+    }
+
+    /// Acks that run `lead` frames ahead of the handled ones.
+    pub fn with_lead(lead: u64) -> Self {
+        AckTracker { lead, ..AckTracker::default() }
+    }
+
+    fn ack(&mut self) -> Option<u64> {
+        self.acks_sent += 1;
+        Some(self.contiguous + self.lead)
     }
 
     /// Records that `frame_id` (1-based) is fully handled. Returns `Some(N)`
@@ -163,8 +181,7 @@ impl AckTracker {
         while self.ahead.remove(&(self.contiguous + 1)) {
             self.contiguous += 1;
         }
-        self.acks_sent += 1;
-        Some(self.contiguous)
+        self.ack()
     }
 
     /// Declares every frame up to `frame_id` handled, for a gap the caller
@@ -178,12 +195,11 @@ impl AckTracker {
         while self.ahead.remove(&(self.contiguous + 1)) {
             self.contiguous += 1;
         }
-        self.acks_sent += 1;
-        Some(self.contiguous)
+        self.ack()
     }
 
-    /// The last ack returned (0 before the first).
-    pub fn acked(&self) -> u64 {
+    /// Highest N such that frames 1..=N are handled (0 before the first).
+    pub fn handled(&self) -> u64 {
         self.contiguous
     }
 
@@ -289,11 +305,23 @@ mod tests {
         assert_eq!(a.on_frame_handled(3), None);
         assert_eq!(a.on_frame_handled(4), None);
         assert_eq!(a.waiting_for_gap(), 2);
-        assert_eq!(a.acked(), 1);
+        assert_eq!(a.handled(), 1);
         assert_eq!(a.on_frame_handled(2), Some(4));
         assert_eq!(a.waiting_for_gap(), 0);
         assert_eq!(a.on_frame_handled(5), Some(5));
         assert_eq!(a.on_frame_handled(3), None);
+        assert_eq!(a.acks_sent(), 3);
+    }
+
+    #[test]
+    fn a_lead_runs_every_ack_ahead_of_the_handled_frames() {
+        let mut a = AckTracker::with_lead(8);
+        assert_eq!(a.on_frame_handled(2), None, "a gap still holds the acks back");
+        assert_eq!(a.on_frame_handled(1), Some(10));
+        assert_eq!(a.handled(), 2);
+        assert_eq!(a.on_frame_handled(3), Some(11));
+        assert_eq!(a.ack_through(5), Some(13));
+        assert_eq!(a.on_frame_handled(5), None);
         assert_eq!(a.acks_sent(), 3);
     }
 

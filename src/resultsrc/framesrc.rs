@@ -123,14 +123,10 @@ struct Attached {
     events: mpsc::Receiver<SessionEvent>,
     track: Option<mpsc::Receiver<TrackItem>>,
     output: Output,
+    /// Frames count as handled once in the queue; the acks lead by
+    /// max-queued-frames, so at most that many results wait in the client
+    /// beyond the bounded queue.
     acks: AckTracker,
-    /// How far the acks run ahead of the frames that entered the queue:
-    /// max-queued-frames. The server produces frame K only while K is at
-    /// most the ack plus one, so it never waits an ack round trip per frame
-    /// (with acks that only counted queued frames, each frame cost one: 160 s
-    /// against the Python SDK's 154 s for 900 720p frames), and at most this
-    /// many results wait in the client beyond the bounded queue.
-    ack_lead: u64,
     /// The latest cumulative ack; one task sends them in order, skipping
     /// values superseded before they could leave.
     ack_tx: tokio::sync::watch::Sender<u64>,
@@ -374,8 +370,7 @@ impl FrameSrc {
             events,
             track,
             output,
-            acks: AckTracker::new(),
-            ack_lead: u64::from(params.max_queued_frames),
+            acks: AckTracker::with_lead(u64::from(params.max_queued_frames)),
             handed_out: None,
             held: None,
             caps_sent: false,
@@ -390,7 +385,7 @@ impl FrameSrc {
             return;
         }
         if let Some(ack) = attached.acks.on_frame_handled(frame_id) {
-            attached.ack_tx.send_replace(ack + attached.ack_lead);
+            attached.ack_tx.send_replace(ack);
         }
     }
 
