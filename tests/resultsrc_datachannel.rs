@@ -267,21 +267,37 @@ fn null_while_frames_flow_returns_within_a_second() {
 }
 
 #[test]
-fn a_reserved_source_that_never_attaches_leaves_the_results_to_the_sink() {
+fn a_source_that_claimed_the_session_gets_the_results_and_the_sink_does_not_wait_for_them() {
     init();
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 10, 160, 120);
     let worker = TestWorker::start(WorkerConfig::default());
-    // In READY it reserves the session, but it never runs.
-    let idle = launch("roboflowresultsrc session=reserved ! fakesink");
+    // In READY it claims the session's results, but it does not run yet.
+    let idle = launch("roboflowresultsrc session=claimed ! fakesink");
     idle.set_state(gst::State::Ready).unwrap();
     let upload = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session=reserved {} connect-timeout=1000",
+        "filesrc location={} ! roboflowuploadsink session=claimed {}",
         clip.display(),
         sink_properties(&worker.url())
     ));
     let outcome = run(&upload, Duration::from_secs(60));
+    assert!(outcome.eos, "the sink ends after its upload: {:?}", outcome.error);
+    assert!(outcome.named("roboflow-inference").is_empty(), "the results are the source's, not the sink's");
+    // The upload pipeline is gone; the source still holds the session, and
+    // letting go of it closes the session on the server.
+    assert!(!worker.sessions()[0].closed, "the claimed results keep the session open");
     idle.set_state(gst::State::Null).unwrap();
-    assert!(outcome.eos, "the sink does not wait forever: {:?}", outcome.error);
-    assert_eq!(outcome.named("roboflow-inference").len(), 10, "the sink posts the results itself");
+    let sessions = worker.wait_until(Duration::from_secs(5), |sessions| sessions.first().is_some_and(|s| s.closed));
+    assert!(sessions[0].closed, "the session closes when its result source lets go");
+}
+
+#[test]
+fn a_second_source_for_the_same_session_is_refused_by_name() {
+    init();
+    let first = launch("roboflowresultsrc session=twice ! fakesink");
+    first.set_state(gst::State::Ready).unwrap();
+    let second = launch("roboflowresultsrc session=twice ! fakesink");
+    let outcome = run(&second, Duration::from_secs(10));
+    first.set_state(gst::State::Null).unwrap();
+    assert!(outcome.error_text().contains("another roboflowresultsrc already reads the results of session 'twice'"), "{outcome:?}");
 }

@@ -16,10 +16,10 @@ use gst_base::subclass::prelude::*;
 use tokio::sync::mpsc;
 
 use crate::config::VideoTransport;
-use crate::protocol::keepalive::AckTracker;
-use crate::protocol::messages::{ack_message, find_image};
-use crate::runtime::{self, WaitError, Waits};
-use crate::session::{FrameEvent, Session, SessionEvent, TrackItem, registry};
+use crate::protocol::messages::find_image;
+use crate::runtime::{WaitError, Waits};
+use crate::session::registry::Claim;
+use crate::session::{FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, TrackItem};
 
 pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -38,7 +38,6 @@ pub struct Counters {
     pub frames_pushed: AtomicU64,
     pub frames_paired: AtomicU64,
     pub frames_unpaired: AtomicU64,
-    pub acks_sent: AtomicU64,
     pub max_queue_depth: AtomicU64,
 }
 
@@ -87,7 +86,9 @@ pub struct Shared {
     /// The session processes in realtime: no acks, the queue leaks.
     pub realtime: Arc<std::sync::atomic::AtomicBool>,
     /// The attached session, for the counts it keeps (track packets dropped).
-    pub session: Arc<Mutex<Option<Arc<Session>>>>,
+    pub session: Arc<Mutex<Option<SessionProbe>>>,
+    /// The claim on the session's results, made when the bin went to READY.
+    pub claim: Arc<Mutex<Option<Claim>>>,
     /// The bin that posts the messages, set by roboflowresultsrc.
     pub owner: Arc<Mutex<Option<glib::WeakRef<gst::Element>>>>,
 }
@@ -119,17 +120,12 @@ impl Default for Params {
 }
 
 struct Attached {
-    session: Arc<Session>,
-    events: mpsc::Receiver<SessionEvent>,
-    track: Option<mpsc::Receiver<TrackItem>>,
-    output: Output,
     /// Frames count as handled once in the queue; the acks lead by
     /// max-queued-frames, so at most that many results wait in the client
     /// beyond the bounded queue.
-    acks: AckTracker,
-    /// The latest cumulative ack; one task sends them in order, skipping
-    /// values superseded before they could leave.
-    ack_tx: tokio::sync::watch::Sender<u64>,
+    stream: ResultStream,
+    track: Option<mpsc::Receiver<TrackItem>>,
+    output: Output,
     /// Frame whose buffer was handed to basesrc: it has entered the queue
     /// once create() is called again.
     handed_out: Option<u64>,
@@ -243,9 +239,8 @@ impl BaseSrcImpl for FrameSrc {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        if let State::Attached(attached) = std::mem::replace(&mut *self.state.lock().unwrap(), State::Idle) {
-            attached.session.release();
-        }
+        // Dropping the stream lets go of the session.
+        *self.state.lock().unwrap() = State::Idle;
         Ok(())
     }
 
@@ -322,55 +317,42 @@ impl FrameSrc {
 
     fn attach(&self) -> Result<Attached, Stop> {
         let params = self.params.lock().unwrap().clone();
-        let name = params
-            .session
-            .clone()
-            .filter(|name| !name.trim().is_empty())
-            .ok_or_else(|| Stop::Error("property 'session': name the roboflowuploadsink session to read results from".to_owned()))?;
+        let claim = self.shared.lock().unwrap().claim.lock().unwrap().take();
+        let Some(mut claim) = claim else {
+            return Err(Stop::Error("property 'session': name the roboflowuploadsink session to read results from".to_owned()));
+        };
+        let name = claim.name().to_owned();
         let limit = params.attach_timeout;
         gst::info!(CAT, imp = self, "waiting up to {limit:?} for session '{name}'");
-        let session = self
-            .wait(None, String::new, registry::wait_for(&name, limit))?
+        let mut stream = self
+            .wait(Some(limit), String::new, claim.stream())
+            .ok()
+            .flatten()
             .ok_or_else(|| {
                 Stop::Error(format!(
                     "no roboflowuploadsink with session '{name}' started within {:.1} s (connect-timeout of roboflowresultsrc)",
                     limit.as_secs_f64()
                 ))
             })?;
-        let events = session.take_events(true).ok_or_else(|| {
-            Stop::Error(format!(
-                "the results of session '{name}' already go elsewhere: another roboflowresultsrc is attached, or the sink finished its upload before this source attached"
-            ))
-        })?;
-        let config = session.config();
+        let config = stream.config();
         let output = match (config.video_transport, config.stream_output.first()) {
             (VideoTransport::Track, _) => Output::Rtp,
             (VideoTransport::Datachannel, Some(name)) => Output::Jpeg { output: name.clone() },
             (VideoTransport::Datachannel, None) => Output::Nothing,
         };
-        let track = (output == Output::Rtp).then(|| session.take_track()).flatten();
-        if output == Output::Rtp && track.is_none() {
-            return Err(Stop::Error(format!("the returned track of session '{name}' is already read by another roboflowresultsrc")));
-        }
+        let realtime = config.realtime_processing;
+        let track = if output == Output::Rtp { stream.take_track() } else { None };
         {
             let shared = self.shared.lock().unwrap();
-            shared.realtime.store(config.realtime_processing, Ordering::Relaxed);
-            *shared.session.lock().unwrap() = Some(session.clone());
+            shared.realtime.store(realtime, Ordering::Relaxed);
+            *shared.session.lock().unwrap() = Some(stream.probe());
         }
         gst::info!(CAT, imp = self, "attached to session '{name}', output {output:?}");
-        let (ack_tx, ack_rx) = tokio::sync::watch::channel(0u64);
-        if !session.config().realtime_processing {
-            let sender = session.clone();
-            let counters = self.shared.lock().unwrap().counters.clone();
-            runtime::RUNTIME.spawn(send_acks(sender, ack_rx, counters));
-        }
+        stream.enable_acks(u64::from(params.max_queued_frames));
         Ok(Attached {
-            ack_tx,
-            session,
-            events,
+            stream,
             track,
             output,
-            acks: AckTracker::with_lead(u64::from(params.max_queued_frames)),
             handed_out: None,
             held: None,
             caps_sent: false,
@@ -381,12 +363,7 @@ impl FrameSrc {
     }
 
     fn send_ack(&self, attached: &mut Attached, frame_id: u64) {
-        if attached.session.config().realtime_processing {
-            return;
-        }
-        if let Some(ack) = attached.acks.on_frame_handled(frame_id) {
-            attached.ack_tx.send_replace(ack);
-        }
+        attached.stream.frame_handled(frame_id);
     }
 
     /// Called once the previous buffer has entered the bin's queue: the
@@ -436,7 +413,7 @@ impl FrameSrc {
             if !attached.caps_sent {
                 // A second frame tells the frame rate, which the caps carry.
                 let next = if attached.ended { None } else { self.next_event(attached)? };
-                let fps = frame_rate(&attached.session, &frame, next.as_deref());
+                let fps = frame_rate(attached.stream.config().declared_fps, &frame, next.as_deref());
                 attached.held = next;
                 self.announce(gst::Caps::builder("image/jpeg").field("framerate", fps).build())?;
                 attached.caps_sent = true;
@@ -457,25 +434,23 @@ impl FrameSrc {
     /// Reads the next session event: Some(frame) for a frame result (already
     /// posted on the bus), None when the stream ended (attached.ended set).
     fn next_event(&self, attached: &mut Attached) -> Result<Option<Box<FrameEvent>>, Stop> {
-        let session = attached.session.clone();
-        let stall = session.config().stall_timeout;
-        let events = &mut attached.events;
+        let probe = attached.stream.probe();
+        let stall = attached.stream.config().stall_timeout;
         let event = self.wait(
             Some(stall),
-            || format!("no result from the server for {:.1} s (stall-timeout) after {} frames", stall.as_secs_f64(), session.stats().frames_received),
-            session.next_event(events),
+            || SessionError::ResultsStalled { timeout: stall, results: probe.stats().frames_received }.to_string(),
+            attached.stream.next(),
         )?;
-        match event {
-            SessionEvent::Frame(frame) => {
+        match event.map_err(|error| Stop::Error(error.to_string()))? {
+            ResultEvent::Frame(frame) => {
                 self.on_frame(attached, &frame);
                 Ok(Some(frame))
             }
-            SessionEvent::Complete { frames, .. } => {
+            ResultEvent::Complete { frames, .. } => {
                 gst::info!(CAT, imp = self, "processing complete after {frames} frames");
                 attached.ended = true;
                 Ok(None)
             }
-            SessionEvent::Failed(message) => Err(Stop::Error(message)),
         }
     }
 
@@ -509,12 +484,11 @@ impl FrameSrc {
     }
 
     fn next_rtp(&self, attached: &mut Attached) -> Result<Option<CreateSuccess>, Stop> {
-        let session = attached.session.clone();
-        let stall = session.config().stall_timeout;
-        let Attached { events, track, .. } = attached;
+        let stall = attached.stream.config().stall_timeout;
+        let Attached { stream, track, .. } = attached;
         let track = track.as_mut().expect("track mode has a track");
         enum Next {
-            Event(SessionEvent),
+            Event(Result<ResultEvent, SessionError>),
             Track(Option<TrackItem>),
         }
         let next = if attached.draining {
@@ -534,14 +508,14 @@ impl FrameSrc {
                         // Results first: a frame's JSON normally precedes its
                         // RTP, and pairing needs it when the frame is decoded.
                         biased;
-                        event = session.next_event(events) => Next::Event(event),
+                        event = stream.next() => Next::Event(event),
                         item = track.recv() => Next::Track(item),
                     }
                 },
             )?
         };
         match next {
-            Next::Event(SessionEvent::Frame(frame)) => {
+            Next::Event(Ok(ResultEvent::Frame(frame))) => {
                 self.on_frame(attached, &frame);
                 if attached.rtp.first_json_pts.is_none() {
                     attached.rtp.first_json_pts = frame.pts_seconds;
@@ -549,11 +523,11 @@ impl FrameSrc {
                 self.send_ack(attached, frame.frame_id);
                 Ok(None)
             }
-            Next::Event(SessionEvent::Complete { .. }) => {
+            Next::Event(Ok(ResultEvent::Complete { .. })) => {
                 attached.draining = true;
                 Ok(None)
             }
-            Next::Event(SessionEvent::Failed(message)) => Err(Stop::Error(message)),
+            Next::Event(Err(error)) => Err(Stop::Error(error.to_string())),
             Next::Track(None) => Ok(None),
             Next::Track(Some(TrackItem::Codec { mime_type, clock_rate, payload_type })) => {
                 let encoding = mime_type.rsplit('/').next().unwrap_or_default().to_ascii_uppercase();
@@ -584,18 +558,6 @@ impl FrameSrc {
     }
 }
 
-/// Sends cumulative acks in order until the frame source lets go.
-async fn send_acks(session: Arc<Session>, mut acks: tokio::sync::watch::Receiver<u64>, counters: Arc<Counters>) {
-    while acks.changed().await.is_ok() {
-        let ack = *acks.borrow_and_update();
-        if let Err(message) = session.send_control(ack_message(ack)).await {
-            gst::debug!(CAT, "ack {ack} not sent: {message}");
-            return;
-        }
-        counters.acks_sent.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// After processing_complete, the track is read until it has been quiet
 /// this long.
 const TRACK_DRAIN_QUIET: Duration = Duration::from_millis(300);
@@ -609,11 +571,9 @@ pub fn pts_ns(frame: &FrameEvent) -> Option<u64> {
 
 /// The frame rate for caps: declared, measured by the server, or from the
 /// pts step between the first two frames; 0/1 when unknown.
-fn frame_rate(session: &Session, first: &FrameEvent, second: Option<&FrameEvent>) -> gst::Fraction {
+fn frame_rate(declared_fps: Option<f64>, first: &FrameEvent, second: Option<&FrameEvent>) -> gst::Fraction {
     let metadata = &first.json["video_metadata"];
-    let declared = session
-        .config()
-        .declared_fps
+    let declared = declared_fps
         .or_else(|| metadata["declared_fps"].as_f64())
         .filter(|fps| *fps > 0.0);
     let from_pts = second.and_then(|second| {

@@ -36,8 +36,6 @@ pub struct ResultSrc {
     shared: Shared,
     params: Mutex<Params>,
     decoder: Mutex<Vec<gst::Element>>,
-    /// The session this source announced it will read.
-    expecting: Mutex<Option<String>>,
 }
 
 #[glib::object_subclass]
@@ -70,7 +68,6 @@ impl ObjectSubclass for ResultSrc {
             shared: Shared::default(),
             params: Mutex::new(Params::default()),
             decoder: Mutex::new(Vec::new()),
-            expecting: Mutex::new(None),
         }
     }
 }
@@ -183,10 +180,15 @@ impl ElementImpl for ResultSrc {
                 gst::element_imp_error!(self, gst::LibraryError::Settings, ("property 'session': name the roboflowuploadsink session to read results from"));
                 return Err(gst::StateChangeError);
             };
-            // Tell a sink of that session, from now on, to leave the results
-            // to this source even if its upload ends before we attach.
-            registry::expect_source(&name);
-            *self.expecting.lock().unwrap() = Some(name);
+            // From now on, a sink that starts this session hands its
+            // results to this source.
+            match registry::claim(&name) {
+                Ok(claim) => *self.shared.claim.lock().unwrap() = Some(claim),
+                Err(message) => {
+                    gst::element_imp_error!(self, gst::LibraryError::Settings, ("{}", message));
+                    return Err(gst::StateChangeError);
+                }
+            }
         }
         if transition == gst::StateChange::ReadyToPaused {
             *self.framesrc.imp().params.lock().unwrap() = self.params.lock().unwrap().clone();
@@ -198,8 +200,8 @@ impl ElementImpl for ResultSrc {
         }
         let leaving = transition == gst::StateChange::ReadyToNull
             || (transition == gst::StateChange::NullToReady && result.is_err());
-        if leaving && let Some(name) = self.expecting.lock().unwrap().take() {
-            registry::unexpect_source(&name);
+        if leaving {
+            self.shared.claim.lock().unwrap().take();
         }
         result
     }
@@ -232,7 +234,6 @@ impl ResultSrc {
             &counters.frames_pushed,
             &counters.frames_paired,
             &counters.frames_unpaired,
-            &counters.acks_sent,
             &counters.max_queue_depth,
         ] {
             counter.store(0, Ordering::Relaxed);
@@ -247,13 +248,15 @@ impl ResultSrc {
         let left = counters.buffers_left_queue.load(Ordering::Relaxed);
         let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
         let dropped = if self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
-        let packets_dropped = self.shared.session.lock().unwrap().as_ref().map(|s| s.track_packets_dropped()).unwrap_or(0);
+        let session = self.shared.session.lock().unwrap().clone();
+        let packets_dropped = session.as_ref().map_or(0, |s| s.track_packets_dropped());
+        let acks_sent = session.as_ref().map_or(0, |s| s.stats().acks_sent);
         gst::Structure::builder("roboflow-result-stats")
             .field("frames-received", counters.frames_received.load(Ordering::Relaxed))
             .field("frames-pushed", counters.frames_pushed.load(Ordering::Relaxed))
             .field("frames-paired", counters.frames_paired.load(Ordering::Relaxed))
             .field("frames-unpaired", counters.frames_unpaired.load(Ordering::Relaxed))
-            .field("acks-sent", counters.acks_sent.load(Ordering::Relaxed))
+            .field("acks-sent", acks_sent)
             .field("max-queue-depth", counters.max_queue_depth.load(Ordering::Relaxed))
             .field("frames-dropped", dropped)
             .field("track-packets-dropped", packets_dropped)

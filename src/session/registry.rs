@@ -1,80 +1,109 @@
-// Process-wide registry of running sessions, so that a roboflowresultsrc in
-// the same or another pipeline can attach to a roboflowuploadsink's session by
-// name, whichever of the two starts first.
+// Process-wide registry of running sessions by name, so that a
+// roboflowresultsrc in the same or another pipeline gets a sink's results.
+//
+// Who reads the results is decided once, when the sink starts its session: a
+// result source that claimed the name before gets the result stream;
+// otherwise the sink keeps it and posts the results itself.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
-use super::Session;
+use super::driver::Shared;
+use super::endpoints::{Reader, ResultStream};
+use super::error::SessionError;
 
-static SESSIONS: LazyLock<Mutex<HashMap<String, Weak<Session>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-static REGISTERED: LazyLock<Notify> = LazyLock::new(Notify::new);
-/// Result sources that are starting, by session name: a sink whose session
-/// one of them is about to read leaves the results to it.
-static EXPECTED_SOURCES: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
-
-pub fn expect_source(name: &str) {
-    *EXPECTED_SOURCES.lock().unwrap().entry(name.to_owned()).or_default() += 1;
+#[derive(Default)]
+struct Registry {
+    running: HashMap<String, Weak<Shared>>,
+    claims: HashMap<String, Claimant>,
 }
 
-pub fn unexpect_source(name: &str) {
-    let mut expected = EXPECTED_SOURCES.lock().unwrap();
-    if let Some(count) = expected.get_mut(name) {
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            expected.remove(name);
+struct Claimant {
+    id: u64,
+    stream: oneshot::Sender<ResultStream>,
+}
+
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| Mutex::new(Registry::default()));
+
+/// A result source's claim on the results of the session called `name`,
+/// which no sink has started yet. Dropping it withdraws the claim.
+#[derive(Debug)]
+pub struct Claim {
+    name: String,
+    id: u64,
+    stream: oneshot::Receiver<ResultStream>,
+}
+
+impl Claim {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Resolves with the result stream once the sink starts the session;
+    /// None if the claim was withdrawn. Cancel-safe.
+    pub async fn stream(&mut self) -> Option<ResultStream> {
+        (&mut self.stream).await.ok()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut registry = REGISTRY.lock().unwrap();
+        if registry.claims.get(&self.name).is_some_and(|claimant| claimant.id == self.id) {
+            registry.claims.remove(&self.name);
         }
     }
 }
 
-pub fn source_expected(name: &str) -> bool {
-    EXPECTED_SOURCES.lock().unwrap().contains_key(name)
-}
-
-/// Registers `session` under its name; refuses a name a live session holds.
-pub fn register(session: &Arc<Session>) -> Result<(), String> {
-    let mut sessions = SESSIONS.lock().unwrap();
-    sessions.retain(|_, weak| weak.strong_count() > 0);
-    if sessions.contains_key(session.name()) {
+/// Claims the results of session `name` for a roboflowresultsrc.
+pub fn claim(name: &str) -> Result<Claim, String> {
+    static IDS: AtomicU64 = AtomicU64::new(0);
+    let mut registry = REGISTRY.lock().unwrap();
+    if registry.running.get(name).is_some_and(|session| session.strong_count() > 0) {
         return Err(format!(
-            "session name '{}' is already used by another running roboflowuploadsink; give each sink its own 'session'",
-            session.name()
+            "the results of session '{name}' already go to its roboflowuploadsink, which started before this roboflowresultsrc: \
+             bring the result source to READY before the sink's pipeline goes to PAUSED"
         ));
     }
-    sessions.insert(session.name().to_owned(), Arc::downgrade(session));
-    drop(sessions);
-    REGISTERED.notify_waiters();
-    Ok(())
+    if registry.claims.get(name).is_some_and(|claimant| !claimant.stream.is_closed()) {
+        return Err(format!("another roboflowresultsrc already reads the results of session '{name}'"));
+    }
+    let id = IDS.fetch_add(1, Ordering::Relaxed);
+    let (sender, receiver) = oneshot::channel();
+    registry.claims.insert(name.to_owned(), Claimant { id, stream: sender });
+    Ok(Claim { name: name.to_owned(), id, stream: receiver })
 }
 
-/// Removes `session` (only that instance: a newer one of the same name stays).
-pub fn unregister(session: &Arc<Session>) {
-    let mut sessions = SESSIONS.lock().unwrap();
-    if let Some(existing) = sessions.get(session.name())
-        && existing.as_ptr() == Arc::as_ptr(session)
-    {
-        sessions.remove(session.name());
+/// Registers a starting session under its name and hands its result stream
+/// to the source that claimed it; returns the stream when nobody did.
+pub(super) fn register(shared: &Arc<Shared>, mut stream: ResultStream) -> Result<Option<ResultStream>, SessionError> {
+    let mut registry = REGISTRY.lock().unwrap();
+    registry.running.retain(|_, session| session.strong_count() > 0);
+    if registry.running.contains_key(&shared.name) {
+        return Err(SessionError::NameInUse { session: shared.name.clone() });
+    }
+    registry.running.insert(shared.name.clone(), Arc::downgrade(shared));
+    let Some(claimant) = registry.claims.remove(&shared.name) else {
+        return Ok(Some(stream));
+    };
+    stream.set_reader(Reader::ResultSource);
+    match claimant.stream.send(stream) {
+        Ok(()) => Ok(None),
+        // The claim was withdrawn meanwhile: the sink reads the results.
+        Err(mut stream) => {
+            stream.set_reader(Reader::Sink);
+            Ok(Some(stream))
+        }
     }
 }
 
-pub fn lookup(name: &str) -> Option<Arc<Session>> {
-    SESSIONS.lock().unwrap().get(name).and_then(Weak::upgrade)
-}
-
-/// Waits until a session called `name` is registered, up to `timeout`.
-pub async fn wait_for(name: &str, timeout: Duration) -> Option<Arc<Session>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let notified = REGISTERED.notified();
-        if let Some(session) = lookup(name) {
-            return Some(session);
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return lookup(name);
-        }
+/// Removes `shared` (only that instance: a newer session of the same name stays).
+pub(super) fn unregister(shared: &Arc<Shared>) {
+    let mut registry = REGISTRY.lock().unwrap();
+    if registry.running.get(&shared.name).is_some_and(|session| session.as_ptr() == Arc::as_ptr(shared)) {
+        registry.running.remove(&shared.name);
     }
 }

@@ -7,7 +7,7 @@
 // segments (muxers seek back to rewrite headers), and leave at EOS.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use gst::glib;
@@ -20,9 +20,8 @@ use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
 use crate::bus::{PROGRESS_MESSAGE, inference_structure};
-use crate::protocol::upload::UploadFramer;
 use crate::runtime::{WaitError, Waits};
-use crate::session::{self, FrameEvent, Session, SessionEvent, Upload, registry};
+use crate::session::{self, FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, UploadWriter};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -54,6 +53,15 @@ fn failure(message: impl AsRef<str>) -> Stop {
     Stop::Error(gst::error_msg!(gst::ResourceError::Failed, ("{}", message.as_ref())))
 }
 
+impl From<SessionError> for Stop {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Closed => Stop::Flushing,
+            error => failure(error.to_string()),
+        }
+    }
+}
+
 struct Spool {
     file: std::fs::File,
     /// Deleted when dropped, on every path.
@@ -63,8 +71,8 @@ struct Spool {
 }
 
 struct Streamed {
-    framer: UploadFramer,
-    upload: Upload,
+    /// Bytes of the upload handed to the session so far.
+    consumed: u64,
 }
 
 enum Mode {
@@ -83,7 +91,9 @@ struct Progress {
 /// The upload in progress. The streaming thread takes it out of `State`
 /// while it works, so that no lock is held while it waits or posts.
 struct Job {
-    session: Arc<Session>,
+    writer: UploadWriter,
+    /// None when a roboflowresultsrc reads the results.
+    results: Option<ResultStream>,
     config: SessionConfig,
     mode: Mode,
     /// A BYTES segment that does not start at 0 arrived before any data:
@@ -102,7 +112,7 @@ pub struct UploadSink {
     settings: Mutex<UploadSettings>,
     state: Mutex<State>,
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
-    session: Mutex<Option<Arc<Session>>>,
+    session: Mutex<Option<SessionProbe>>,
     waits: Waits,
     /// "undecided", "streamed" or "spooled", for `stats`.
     upload_mode: Mutex<&'static str>,
@@ -359,6 +369,20 @@ impl ObjectImpl for UploadSink {
 impl GstObjectImpl for UploadSink {}
 
 impl ElementImpl for UploadSink {
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if transition == gst::StateChange::ReadyToPaused
+            && let Err(message) = self.start_job()
+        {
+            self.post_error_message(message);
+            return Err(gst::StateChangeError);
+        }
+        let result = self.parent_change_state(transition);
+        if transition == gst::StateChange::PausedToReady {
+            self.stop_job();
+        }
+        result
+    }
+
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
             gst::subclass::ElementMetadata::new(
@@ -389,44 +413,19 @@ impl ElementImpl for UploadSink {
 
 impl BaseSinkImpl for UploadSink {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
-        let settings = self.settings.lock().unwrap().clone();
-        let config = settings
+        // Properties are checked now, before any network; the session starts
+        // at READY->PAUSED, after every roboflowresultsrc of the pipeline
+        // claimed its results at NULL->READY.
+        self.settings
+            .lock()
+            .unwrap()
             .validate()
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
-        let name = settings
-            .session
-            .clone()
-            .filter(|name| !name.trim().is_empty())
-            .unwrap_or_else(|| session::default_name(&self.obj().name()));
-        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
-        let session = Session::start(name, config.clone());
-        if let Err(message) = registry::register(&session) {
-            session.close();
-            return Err(gst::error_msg!(gst::LibraryError::Settings, ("{}", message)));
-        }
-        *self.session.lock().unwrap() = Some(session.clone());
-        *self.upload_mode.lock().unwrap() = "undecided";
-        *self.state.lock().unwrap() = State::Started {
-            job: Some(Box::new(Job {
-                session,
-                config,
-                mode: Mode::Undecided,
-                seeking_upstream: false,
-                progress: Progress::default(),
-            })),
-        };
-        Ok(())
+            .map(|_| ())
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        *self.state.lock().unwrap() = State::Stopped;
-        if let Some(session) = self.session.lock().unwrap().as_ref() {
-            registry::unregister(session);
-            session.release_by_sink();
-            gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
-        }
-        // Dropping the job deleted any spool file; a job the streaming
-        // thread still holds is dropped when it gives it back.
+        self.stop_job();
         Ok(())
     }
 
@@ -512,16 +511,44 @@ impl Drop for PrerollLockReleased {
     }
 }
 
-/// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
-fn runtime_wait_soft<F: Future<Output = ()> + Send>(sink: &UploadSink, limit: Duration, make: impl FnMut() -> F) -> Result<bool, Stop> {
-    match sink.run_wait(Some(limit), make) {
-        Ok(()) => Ok(true),
-        Err(WaitError::Cancelled) => Err(Stop::Flushing),
-        Err(WaitError::TimedOut(_)) => Ok(false),
-    }
-}
-
 impl UploadSink {
+    fn start_job(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        let config = settings
+            .validate()
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
+        let name = settings
+            .session
+            .clone()
+            .filter(|name| !name.trim().is_empty())
+            .unwrap_or_else(|| session::default_name(&self.obj().name()));
+        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
+        let (writer, results) = session::start(name, config.clone())
+            .map_err(|error| gst::error_msg!(gst::LibraryError::Settings, ("{}", error)))?;
+        *self.session.lock().unwrap() = Some(writer.probe());
+        *self.upload_mode.lock().unwrap() = "undecided";
+        *self.state.lock().unwrap() = State::Started {
+            job: Some(Box::new(Job {
+                writer,
+                results,
+                config,
+                mode: Mode::Undecided,
+                seeking_upstream: false,
+                progress: Progress::default(),
+            })),
+        };
+        Ok(())
+    }
+
+    fn stop_job(&self) {
+        *self.state.lock().unwrap() = State::Stopped;
+        if let Some(session) = self.session.lock().unwrap().as_ref() {
+            gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
+        }
+        // Dropping the job deleted any spool file; a job the streaming
+        // thread still holds is dropped when it gives it back.
+    }
+
     fn stats(&self) -> gst::Structure {
         match self.session.lock().unwrap().as_ref() {
             Some(session) => {
@@ -637,12 +664,12 @@ impl UploadSink {
         }
     }
 
-    fn wait_connected(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
+    fn wait_connected(&self, writer: &UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
         let limit = config.connect_timeout + CONNECT_GRACE;
         self.wait(
             Some(limit),
             || format!("no session with the server at {} within {:.1} s (connect-timeout)", config.api_url, limit.as_secs_f64()),
-            || session.wait_connected(),
+            || async { writer.connected().await.map_err(|error| error.to_string()) },
         )
     }
 
@@ -667,7 +694,7 @@ impl UploadSink {
                 spool.position = start;
             }
             Mode::Streamed(streamed) => {
-                let consumed = streamed.framer.bytes_consumed();
+                let consumed = streamed.consumed;
                 if start != consumed {
                     return Err(gst::error_msg!(
                         gst::StreamError::Failed,
@@ -680,9 +707,9 @@ impl UploadSink {
     }
 
     fn render_job(&self, job: &mut Job, data: &[u8], offset: u64) -> Result<(), Stop> {
-        let Job { session, config, mode, seeking_upstream, progress } = job;
+        let Job { writer, config, mode, seeking_upstream, progress, .. } = job;
         if matches!(mode, Mode::Undecided) {
-            *mode = self.choose_mode(session, config, *seeking_upstream)?;
+            *mode = self.choose_mode(writer, config, *seeking_upstream)?;
             *self.upload_mode.lock().unwrap() = match mode {
                 Mode::Streamed(_) => "streamed",
                 _ => "spooled",
@@ -692,23 +719,22 @@ impl UploadSink {
             Mode::Undecided => unreachable!("decided above"),
             Mode::Spooled(spool) => self.spool_write(spool, data),
             Mode::Streamed(streamed) => {
-                let consumed = streamed.framer.bytes_consumed();
+                let consumed = streamed.consumed;
                 if offset != u64::MAX /* GST_BUFFER_OFFSET_NONE */ && offset != consumed {
                     return Err(failure(format!(
                         "upstream sent bytes at offset {offset} while {consumed} bytes were streamed; set upload-mode=spool for this upstream"
                     )));
                 }
-                let chunks = streamed.framer.push(data).map_err(|err| failure(format!("the upload does not match the size upstream reported: {err}")))?;
-                for chunk in chunks {
-                    self.send_chunk(session, config, &streamed.upload, chunk)?;
-                    self.progress_message(session, progress, false);
-                }
+                writer.push(data)?;
+                streamed.consumed += data.len() as u64;
+                self.flush(writer, config)?;
+                self.progress_message(writer, progress, false);
                 Ok(())
             }
         }
     }
 
-    fn choose_mode(&self, session: &Arc<Session>, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
+    fn choose_mode(&self, writer: &mut UploadWriter, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
         let upload_mode = self.settings.lock().unwrap().upload_mode;
         let size = if upload_mode == UploadMode::Auto && !seeking_upstream && self.fed_by_byte_source() {
             self.obj()
@@ -722,10 +748,9 @@ impl UploadSink {
         match size {
             Some(size) => {
                 gst::info!(CAT, imp = self, "upstream reports {size} bytes: streaming the upload");
-                let framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
-                self.wait_connected(session, config)?;
-                let upload = session.begin_upload(size, framer.total_chunks()).map_err(failure)?;
-                Ok(Mode::Streamed(Box::new(Streamed { framer, upload })))
+                self.wait_connected(writer, config)?;
+                writer.begin(size)?;
+                Ok(Mode::Streamed(Box::new(Streamed { consumed: 0 })))
             }
             None => {
                 let spool_dir = self
@@ -804,27 +829,25 @@ impl UploadSink {
         Ok(())
     }
 
-    fn send_chunk(&self, session: &Arc<Session>, config: &SessionConfig, upload: &Upload, chunk: bytes::Bytes) -> Result<(), Stop> {
+    /// Sends the chunks framed so far, waiting while the channel is full.
+    fn flush(&self, writer: &mut UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
         let stall = config.stall_timeout;
+        let probe = writer.probe();
+        let writer = tokio::sync::Mutex::new(writer);
         self.wait(
             Some(stall),
             || {
-                let stats = session.stats();
-                format!(
-                    "the upload made no progress for {:.1} s (stall-timeout) after {} of {} chunks: the server stopped reading the video_upload channel",
-                    stall.as_secs_f64(),
-                    stats.chunks_sent,
-                    stats.total_chunks
-                )
+                let stats = probe.stats();
+                SessionError::UploadStalled { timeout: stall, sent: stats.chunks_sent, total: stats.total_chunks }.to_string()
             },
-            || session.send_chunk(upload, chunk.clone()),
+            || async { writer.lock().await.flush().await.map_err(|error| error.to_string()) },
         )
     }
 
-    fn progress_message(&self, session: &Session, progress: &mut Progress, last: bool) {
+    fn progress_message(&self, writer: &UploadWriter, progress: &mut Progress, last: bool) {
         let now = Instant::now();
         let started = *progress.started.get_or_insert(now);
-        let stats = session.stats();
+        let stats = writer.stats();
         let percent = (stats.bytes_sent * 100).checked_div(stats.total_bytes).unwrap_or(0);
         let due = last
             || percent > progress.last_percent
@@ -853,50 +876,48 @@ impl UploadSink {
         };
         let outcome = self.finish_upload(&mut job);
         self.post_warnings();
-        let outcome = outcome.and_then(|()| self.collect_results(&job.session, &job.config));
+        let outcome = outcome.and_then(|()| {
+            let Job { results, config, .. } = &mut *job;
+            match results {
+                Some(results) => self.collect_results(results, config),
+                // A roboflowresultsrc reads the results: the sink is done.
+                None => Ok(()),
+            }
+        });
         self.give_back(job);
         outcome
     }
 
     fn finish_upload(&self, job: &mut Job) -> Result<(), Stop> {
-        let Job { session, config, mode, progress, .. } = job;
-        let upload = match std::mem::replace(mode, Mode::Undecided) {
+        let Job { writer, config, mode, progress, .. } = job;
+        match std::mem::replace(mode, Mode::Undecided) {
             Mode::Undecided => {
                 return Err(Stop::Error(gst::error_msg!(
                     gst::StreamError::Failed,
                     ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
                 )));
             }
-            Mode::Streamed(streamed) => {
-                let Streamed { mut framer, upload } = *streamed;
-                let last = framer
-                    .finish()
-                    .map_err(|err| failure(format!("upstream ended early: {err}")))?;
-                if let Some(chunk) = last {
-                    self.send_chunk(session, config, &upload, chunk)?;
-                }
-                upload
-            }
-            Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress)?,
-        };
-        let end = Session::end_upload(upload);
+            Mode::Streamed(_) => writer.end()?,
+            Mode::Spooled(spool) => self.upload_spool(writer, config, spool, progress)?,
+        }
         let stall = config.stall_timeout;
+        let writer_ref = &*writer;
         self.wait(
             Some(stall),
             || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
-            || session.upload_ended(&end),
+            || async { writer_ref.sent().await.map_err(|error| error.to_string()) },
         )?;
-        self.progress_message(session, progress, true);
+        self.progress_message(writer, progress, true);
         Ok(())
     }
 
     fn upload_spool(
         &self,
-        session: &Arc<Session>,
+        writer: &mut UploadWriter,
         config: &SessionConfig,
         mut spool: Spool,
         progress: &mut Progress,
-    ) -> Result<Upload, Stop> {
+    ) -> Result<(), Stop> {
         let size = spool.size;
         if size == 0 {
             return Err(Stop::Error(gst::error_msg!(
@@ -904,9 +925,8 @@ impl UploadSink {
                 ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
             )));
         }
-        let mut framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
-        self.wait_connected(session, config)?;
-        let upload = session.begin_upload(size, framer.total_chunks()).map_err(failure)?;
+        self.wait_connected(writer, config)?;
+        writer.begin(size)?;
         let read_error = |err: std::io::Error| failure(format!("reading back the spool file {} failed: {err}", spool.path.display()));
         spool.file.seek(SeekFrom::Start(0)).map_err(read_error)?;
         let mut block = vec![0u8; config.chunk_size];
@@ -915,58 +935,33 @@ impl UploadSink {
             let want = block.len().min(remaining as usize);
             spool.file.read_exact(&mut block[..want]).map_err(read_error)?;
             remaining -= want as u64;
-            for chunk in framer.push(&block[..want]).map_err(|err| failure(err.to_string()))? {
-                self.send_chunk(session, config, &upload, chunk)?;
-                self.progress_message(session, progress, false);
-            }
+            writer.push(&block[..want])?;
+            self.flush(writer, config)?;
+            self.progress_message(writer, progress, false);
         }
-        if let Some(chunk) = framer.finish().map_err(|err| failure(err.to_string()))? {
-            self.send_chunk(session, config, &upload, chunk)?;
-        }
+        writer.end()?;
         // `spool` drops here: the temporary file is deleted.
-        Ok(upload)
+        Ok(())
     }
 
-    fn collect_results(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
-        // A result source that is starting will read the results; if it has
-        // not attached within connect-timeout, the sink reports them itself.
-        if registry::source_expected(session.name()) && !session.has_result_source() {
-            let limit = config.connect_timeout;
-            match runtime_wait_soft(self, limit, || session.wait_result_source()) {
-                Err(Stop::Flushing) => return Err(Stop::Flushing),
-                Ok(true) => {}
-                _ => gst::warning!(CAT, imp = self, "the roboflowresultsrc reserved for session '{}' did not attach within {limit:?}: the sink posts the results", session.name()),
-            }
-        }
-        let events = session.take_events(false);
-        let Some(events) = events else {
-            // A roboflowresultsrc consumes the results; the job ends when it
-            // has seen processing_complete.
-            return self.wait(None, String::new, || session.wait_complete());
-        };
+    fn collect_results(&self, results: &mut ResultStream, config: &SessionConfig) -> Result<(), Stop> {
+        let probe = results.probe();
         // Behind an async mutex so that a wait resumed after a pause can
-        // borrow the receiver again.
-        let events = tokio::sync::Mutex::new(events);
+        // borrow the stream again.
+        let results = tokio::sync::Mutex::new(results);
         let stall = config.stall_timeout;
         loop {
             let event = self.wait(
                 Some(stall),
-                || {
-                    format!(
-                        "no result from the server for {:.1} s (stall-timeout) after {} frames",
-                        stall.as_secs_f64(),
-                        session.stats().frames_received
-                    )
-                },
-                || async { Ok(session.next_event(&mut *events.lock().await).await) },
+                || SessionError::ResultsStalled { timeout: stall, results: probe.stats().frames_received }.to_string(),
+                || async { results.lock().await.next().await.map_err(|error| error.to_string()) },
             )?;
             match event {
-                SessionEvent::Frame(frame) => self.post_inference(&frame),
-                SessionEvent::Complete { frames, .. } => {
+                ResultEvent::Frame(frame) => self.post_inference(&frame),
+                ResultEvent::Complete { frames, .. } => {
                     gst::info!(CAT, imp = self, "processing complete: {frames} frames");
                     return Ok(());
                 }
-                SessionEvent::Failed(message) => return Err(failure(message)),
             }
         }
     }

@@ -1,0 +1,622 @@
+// The webrtc-rs side of a session: builds the peer connection, does the
+// offer/answer, and moves bytes and events between webrtc-rs and the
+// sans-IO core (core.rs). Each channel is read by a task of its own, chunks
+// leave through one upload task (a send is never cancelled midway), control
+// messages through one sender task (acks stay in order), keepalives on a
+// timer. The core lives behind a mutex that is never held across an await.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::shared::marshal::Marshal;
+use tokio::sync::{Notify, mpsc, watch};
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState, RTCSessionDescription, Registry,
+    SettingEngineBuilder, register_default_interceptors,
+};
+
+use crate::config::SessionConfig;
+use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
+use crate::runtime::RUNTIME;
+use crate::signalling;
+
+use super::core::{Input, Output, PeerState, ResultEvent, SessionCore, SessionStats, State};
+use super::error::SessionError;
+
+pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new("roboflowsession", gst::DebugColorFlags::empty(), Some("Roboflow WebRTC session"))
+});
+
+pub const CONTROL_CHANNEL: &str = "inference";
+pub const UPLOAD_CHANNEL: &str = "video_upload";
+/// Results waiting for their consumer. Past this the control channel is not
+/// read, which back-pressures the server through SCTP.
+const RESULT_QUEUE: usize = 64;
+/// Chunks handed to the upload task: kept tiny, so that the bytes in flight
+/// are bounded by the channel's send-buffer limit.
+const UPLOAD_QUEUE: usize = 2;
+/// RTP packets of the returned track waiting for the result source; past
+/// this they are dropped (and counted) rather than stalling the connection.
+const TRACK_QUEUE: usize = 1024;
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// ICE consent: a check every second; no answer for this long is
+/// "disconnected", and this much longer "failed". A dead server worker is
+/// thus noticed within about 9 s (webrtc-rs's defaults: about 30 s). The
+/// server answers ICE from its event loop while frames are processed in a
+/// thread, so a slow Workflow does not look dead.
+pub const ICE_DISCONNECTED_AFTER: Duration = Duration::from_secs(5);
+const ICE_FAILED_AFTER: Duration = Duration::from_secs(4);
+const ICE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the returned video track delivers to a result source.
+#[derive(Debug, Clone)]
+pub enum TrackItem {
+    /// Sent once, before the first packet: the negotiated codec.
+    Codec { mime_type: String, clock_rate: u32, payload_type: u8 },
+    /// One RTP packet, serialized as it arrived.
+    Packet(Bytes),
+}
+
+/// The state the driver and the two endpoints share.
+pub(crate) struct Shared {
+    pub name: String,
+    pub config: Arc<SessionConfig>,
+    core: Mutex<SessionCore>,
+    /// The core's state, for waiters.
+    state: watch::Sender<State>,
+    /// The first failure, for waiters (also `Closed` after a close).
+    failure: watch::Sender<Option<SessionError>>,
+    /// Wakes the timer task when the core's next timeout may have moved.
+    timer: Notify,
+    warnings: Mutex<Vec<String>>,
+    results_tx: mpsc::Sender<ResultEvent>,
+    track_tx: mpsc::Sender<TrackItem>,
+    track_packets_dropped: AtomicU64,
+    /// Chunks to the upload task, once the upload channel is open.
+    upload_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Text messages to the control sender task, once the channel is open.
+    control_tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    upload_channel: Mutex<Option<Arc<dyn DataChannel>>>,
+    peer: Mutex<Option<Arc<dyn PeerConnection>>>,
+    /// What the connect task is waiting for, to explain a connect timeout.
+    stage: Mutex<&'static str>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// The receiving ends a new session hands to its result consumer.
+pub(crate) struct Receivers {
+    pub results: mpsc::Receiver<ResultEvent>,
+    pub track: mpsc::Receiver<TrackItem>,
+}
+
+impl Shared {
+    /// Creates the session and starts connecting in the background: the
+    /// server takes seconds to start its worker, which overlaps with
+    /// whatever upstream does meanwhile.
+    pub fn start(name: String, config: SessionConfig) -> (Arc<Shared>, Receivers) {
+        let (results_tx, results) = mpsc::channel(RESULT_QUEUE);
+        let (track_tx, track) = mpsc::channel(TRACK_QUEUE);
+        let shared = Arc::new(Shared {
+            name,
+            core: Mutex::new(SessionCore::new(&config)),
+            config: Arc::new(config),
+            state: watch::Sender::new(State::Connecting),
+            failure: watch::Sender::new(None),
+            timer: Notify::new(),
+            warnings: Mutex::new(Vec::new()),
+            results_tx,
+            track_tx,
+            track_packets_dropped: AtomicU64::new(0),
+            upload_tx: Mutex::new(None),
+            control_tx: Mutex::new(None),
+            upload_channel: Mutex::new(None),
+            peer: Mutex::new(None),
+            stage: Mutex::new("creating the peer connection"),
+            tasks: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        });
+        // Not aborted by close(): a webrtc-rs connection dropped without
+        // close() leaves its driver task running. The task notices the close
+        // at its next await and closes what it built.
+        let connecting = shared.clone();
+        RUNTIME.spawn(async move { connecting.connect().await });
+        let timer = shared.clone();
+        shared.spawn(async move { timer.run_timer().await });
+        (shared, Receivers { results, track })
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.core.lock().unwrap().stats()
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.borrow()
+    }
+
+    pub fn failure(&self) -> Option<SessionError> {
+        self.failure.borrow().clone()
+    }
+
+    pub fn track_packets_dropped(&self) -> u64 {
+        self.track_packets_dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap())
+    }
+
+    /// Feeds one event to the core and carries out what it says, except the
+    /// chunks and deliveries, which go back to the caller (they need waiting).
+    pub fn handle(&self, input: Input<'_>) -> Vec<Output> {
+        let (outputs, state, timeout_moved) = {
+            let mut core = self.core.lock().unwrap();
+            let before = core.poll_timeout();
+            let outputs = core.handle(input, Instant::now());
+            (outputs, core.state(), core.poll_timeout() != before)
+        };
+        self.state.send_if_modified(|current| std::mem::replace(current, state) != state);
+        if timeout_moved {
+            self.timer.notify_one();
+        }
+        let mut rest = Vec::new();
+        for output in outputs {
+            match output {
+                Output::SendKeepalive => self.send_keepalive(),
+                Output::SendControl(text) => self.send_control(text),
+                Output::Warning(text) => {
+                    gst::warning!(CAT, "session {}: {text}", self.name);
+                    self.warnings.lock().unwrap().push(text);
+                }
+                Output::Failed(error) => {
+                    gst::warning!(CAT, "session {} failed: {error}", self.name);
+                    self.failure.send_if_modified(|failure| failure.is_none().then(|| *failure = Some(error)).is_some());
+                }
+                chunk_or_delivery => rest.push(chunk_or_delivery),
+            }
+        }
+        rest
+    }
+
+    /// Resolves with the failure once the session has failed or closed.
+    pub async fn failed(&self) -> SessionError {
+        let mut failure = self.failure.subscribe();
+        match failure.wait_for(Option::is_some).await {
+            Ok(failure) => failure.clone().unwrap_or(SessionError::Closed),
+            Err(_) => SessionError::Closed,
+        }
+    }
+
+    /// Waits until the state satisfies `reached`, or the session failed.
+    pub async fn wait_state(&self, reached: impl Fn(State) -> bool) -> Result<(), SessionError> {
+        let mut state = self.state.subscribe();
+        tokio::select! {
+            biased;
+            result = state.wait_for(|state| reached(*state)) => result.map(|_| ()).map_err(|_| SessionError::Closed),
+            error = self.failed() => Err(error),
+        }
+    }
+
+    /// Chunks to the upload task, once connected.
+    pub fn upload_sender(&self) -> Option<mpsc::Sender<Bytes>> {
+        self.upload_tx.lock().unwrap().clone()
+    }
+
+    /// Closes the peer connection and stops every task; returns at once.
+    /// `reason` is what waiters that have not seen a failure yet are told.
+    pub fn close(&self, reason: SessionError) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        gst::debug!(CAT, "session {}: closing ({reason})", self.name);
+        let state = {
+            let mut core = self.core.lock().unwrap();
+            core.handle(Input::Close, Instant::now());
+            core.state()
+        };
+        self.state.send_replace(state);
+        self.failure.send_if_modified(|failure| failure.is_none().then(|| *failure = Some(reason)).is_some());
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        self.upload_tx.lock().unwrap().take();
+        self.control_tx.lock().unwrap().take();
+        self.upload_channel.lock().unwrap().take();
+        if let Some(peer) = self.peer.lock().unwrap().take() {
+            let name = self.name.clone();
+            RUNTIME.spawn(async move {
+                if tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await.is_err() {
+                    gst::warning!(CAT, "session {name}: the peer connection did not close within {CLOSE_TIMEOUT:?}");
+                }
+            });
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let handle = RUNTIME.spawn(future);
+        let mut tasks = self.tasks.lock().unwrap();
+        tasks.retain(|task| !task.is_finished());
+        if self.is_closed() {
+            handle.abort();
+        } else {
+            tasks.push(handle.abort_handle());
+        }
+    }
+
+    fn send_keepalive(&self) {
+        let Some(channel) = self.upload_channel.lock().unwrap().clone() else { return };
+        let name = self.name.clone();
+        // Its own task: a keepalive competes with the chunks for buffer room
+        // instead of queueing behind them, and is never cancelled midway.
+        self.spawn(async move {
+            if let Err(err) = channel.send(BytesMut::from(KEEPALIVE_MESSAGE)).await {
+                gst::debug!(CAT, "session {name}: keepalive not sent: {err}");
+            }
+        });
+    }
+
+    fn send_control(&self, text: String) {
+        if let Some(control) = self.control_tx.lock().unwrap().as_ref() {
+            let _ = control.send(text);
+        }
+    }
+
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let deadline = self.core.lock().unwrap().poll_timeout();
+            match deadline {
+                Some(deadline) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline.into()) => {
+                            self.handle(Input::Timeout);
+                        }
+                        _ = self.timer.notified() => {}
+                    }
+                }
+                None => self.timer.notified().await,
+            }
+        }
+    }
+
+    /// Runs `future` unless the session closes first.
+    async fn unless_closed<T>(&self, future: impl Future<Output = T>) -> Result<T, SessionError> {
+        let mut failure = self.failure.subscribe();
+        tokio::select! {
+            value = future => Ok(value),
+            _ = failure.wait_for(|_| self.is_closed()) => Err(SessionError::Closed),
+        }
+    }
+
+    fn set_stage(&self, stage: &'static str) {
+        gst::debug!(CAT, "session {}: {stage}", self.name);
+        *self.stage.lock().unwrap() = stage;
+    }
+
+    async fn connect(self: Arc<Self>) {
+        let timeout = self.config.connect_timeout;
+        let outcome = match tokio::time::timeout(timeout, self.clone().establish()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(SessionError::ConnectTimeout {
+                url: self.config.api_url.to_string(),
+                timeout,
+                stage: *self.stage.lock().unwrap(),
+            }),
+        };
+        match outcome {
+            Ok(()) => {
+                gst::info!(CAT, "session {}: connected to {}", self.name, self.config.api_url);
+                self.handle(Input::Connected);
+            }
+            Err(error) => {
+                self.handle(Input::ConnectFailed(error));
+            }
+        }
+    }
+
+    async fn establish(self: Arc<Self>) -> Result<(), SessionError> {
+        let config = self.config.clone();
+        let mut media = MediaEngine::default();
+        media.register_default_codecs().map_err(|err| setup("registering codecs failed", err))?;
+        let registry = register_default_interceptors(Registry::new(), &mut media)
+            .map_err(|err| setup("registering interceptors failed", err))?;
+        // mDNS candidates would hide our address from the server and can make
+        // building the connection fail on hosts without multicast.
+        let mut settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), Some(ICE_CHECK_INTERVAL));
+        if let Some(mtu) = config.sctp_mtu {
+            settings = settings.with_sctp_mtu(mtu);
+        }
+        let ice_servers = config
+            .ice_servers
+            .iter()
+            .map(|server| RTCIceServer {
+                urls: server.urls.clone(),
+                username: server.username.clone().unwrap_or_default(),
+                credential: server.credential.clone().unwrap_or_default(),
+            })
+            .collect();
+        let (gathered_tx, mut gathered) = watch::channel(false);
+        let handler = Arc::new(Handler { session: Arc::downgrade(&self), gathered: gathered_tx });
+        // The gate admits a message while the outstanding bytes are below it,
+        // so leave room for one whole message under buffer-limit.
+        let largest_message = config.chunk_size + UPLOAD_HEADER_LEN;
+        let send_limit = (config.buffer_limit - largest_message + 1).max(1);
+        let bind = config.udp_bind_address.to_string();
+        let peer = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice_servers).build())
+            .with_media_engine(media)
+            .with_setting_engine(settings.build())
+            .with_interceptor_registry(registry)
+            .with_handler(handler)
+            .with_udp_addrs(vec![bind.clone()])
+            .with_data_channel_send_buffer_limit(send_limit)
+            .build()
+            .await
+            .map_err(|err| setup(&format!("creating the WebRTC peer connection on {bind} failed (udp-bind-address)"), err))?;
+        let peer: Arc<dyn PeerConnection> = Arc::new(peer);
+        {
+            // Decided under the lock close() takes the peer with: either
+            // close() sees the peer and closes it, or we see the close.
+            let mut slot = self.peer.lock().unwrap();
+            if self.is_closed() {
+                drop(slot);
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await;
+                return Err(SessionError::Closed);
+            }
+            *slot = Some(peer.clone());
+        }
+
+        let reliable = RTCDataChannelInit { ordered: true, ..Default::default() };
+        let control = peer
+            .create_data_channel(CONTROL_CHANNEL, Some(reliable.clone()))
+            .await
+            .map_err(|err| setup("creating the inference data channel failed", err))?;
+        let (control_open_tx, mut control_open) = watch::channel(false);
+        {
+            let session = self.clone();
+            let channel = control.clone();
+            self.spawn(async move { session.read_control(channel, control_open_tx).await });
+        }
+
+        if config.wants_video_track() {
+            peer.add_transceiver_from_kind(
+                RtpCodecKind::Video,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: Vec::new(),
+                    send_encodings: Vec::new(),
+                }),
+            )
+            .await
+            .map_err(|err| setup("adding the recvonly video transceiver failed", err))?;
+        }
+
+        self.set_stage("gathering ICE candidates");
+        let offer = peer.create_offer(None).await.map_err(|err| setup("creating the SDP offer failed", err))?;
+        peer.set_local_description(offer)
+            .await
+            .map_err(|err| setup("applying the SDP offer failed", err))?;
+        let _ = self.unless_closed(gathered.wait_for(|done| *done)).await?;
+        let offer = peer
+            .local_description()
+            .await
+            .ok_or_else(|| setup("gathering ICE candidates", "the peer connection has no local description"))?;
+
+        self.set_stage("waiting for the server's SDP answer");
+        let answer_sdp = self
+            .unless_closed(signalling::exchange(&config, offer.sdp, config.connect_timeout))
+            .await?
+            .map_err(SessionError::Signalling)?;
+        let answer =
+            RTCSessionDescription::answer(answer_sdp).map_err(|err| SessionError::AnswerMalformed(err.to_string()))?;
+        peer.set_remote_description(answer)
+            .await
+            .map_err(|err| SessionError::AnswerRefused(err.to_string()))?;
+
+        self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the inference channel");
+        let _ = self.unless_closed(control_open.wait_for(|open| *open)).await?;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        {
+            let session = self.clone();
+            self.spawn(async move { session.send_controls(control, control_rx).await });
+        }
+        *self.control_tx.lock().unwrap() = Some(control_tx);
+
+        // Opened only now, so that the server sees the channels in protocol
+        // order: inference, then video_upload (channels created before the
+        // connection opens in no defined order).
+        self.set_stage("opening the video_upload channel");
+        let upload = peer
+            .create_data_channel(UPLOAD_CHANNEL, Some(reliable))
+            .await
+            .map_err(|err| setup("creating the video_upload data channel failed", err))?;
+        let (upload_open_tx, mut upload_open) = watch::channel(false);
+        {
+            let session = self.clone();
+            let channel = upload.clone();
+            self.spawn(async move { session.read_upload(channel, upload_open_tx).await });
+        }
+        let _ = self.unless_closed(upload_open.wait_for(|open| *open)).await?;
+        let (upload_tx, upload_rx) = mpsc::channel(UPLOAD_QUEUE);
+        {
+            let session = self.clone();
+            let channel = upload.clone();
+            self.spawn(async move { session.send_chunks(channel, upload_rx).await });
+        }
+        *self.upload_tx.lock().unwrap() = Some(upload_tx);
+        *self.upload_channel.lock().unwrap() = Some(upload);
+        Ok(())
+    }
+
+    async fn read_control(self: Arc<Self>, channel: Arc<dyn DataChannel>, open: watch::Sender<bool>) {
+        while let Some(event) = channel.poll().await {
+            match event {
+                DataChannelEvent::OnOpen => {
+                    open.send_replace(true);
+                }
+                DataChannelEvent::OnMessage(message) => {
+                    for output in self.handle(Input::ControlMessage(&message.data)) {
+                        if let Output::Deliver(event) = output {
+                            // Waits while the consumer is behind: the channel
+                            // is not read meanwhile, which back-pressures the
+                            // server. A consumer that let go closed the session.
+                            let _ = self.results_tx.send(event).await;
+                        }
+                    }
+                }
+                DataChannelEvent::OnClose => break,
+                _ => {}
+            }
+        }
+        self.handle(Input::ControlChannelClosed);
+    }
+
+    async fn read_upload(self: Arc<Self>, channel: Arc<dyn DataChannel>, open: watch::Sender<bool>) {
+        while let Some(event) = channel.poll().await {
+            match event {
+                DataChannelEvent::OnOpen => {
+                    open.send_replace(true);
+                }
+                DataChannelEvent::OnMessage(message) => {
+                    self.handle(Input::UploadMessage(&message.data));
+                }
+                DataChannelEvent::OnClose => break,
+                _ => {}
+            }
+        }
+        self.handle(Input::UploadChannelClosed);
+    }
+
+    async fn send_chunks(self: Arc<Self>, channel: Arc<dyn DataChannel>, mut chunks: mpsc::Receiver<Bytes>) {
+        while let Some(chunk) = chunks.recv().await {
+            let payload = chunk.len().saturating_sub(UPLOAD_HEADER_LEN);
+            let message = chunk.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            if let Err(err) = channel.send(message).await {
+                let stats = self.stats();
+                self.handle(Input::Fail(SessionError::UploadSendFailed {
+                    chunk: stats.chunks_sent + 1,
+                    total: stats.total_chunks,
+                    detail: err.to_string(),
+                }));
+                return;
+            }
+            self.handle(Input::ChunkSent { payload });
+        }
+    }
+
+    async fn send_controls(self: Arc<Self>, channel: Arc<dyn DataChannel>, mut texts: mpsc::UnboundedReceiver<String>) {
+        while let Some(text) = texts.recv().await {
+            if let Err(err) = channel.send_text(&text).await {
+                gst::debug!(CAT, "session {}: {text} not sent: {err}", self.name);
+                return;
+            }
+        }
+    }
+
+    fn on_track(self: Arc<Self>, track: Arc<dyn TrackRemote>) {
+        // Keep the track polled whether or not a result source reads it:
+        // webrtc-rs stalls every stream when one is not read.
+        let session = self.clone();
+        self.spawn(async move {
+            let mut packets = 0u64;
+            let mut codec_sent = false;
+            while let Some(event) = track.poll().await {
+                match event {
+                    TrackRemoteEvent::OnRtpPacket(packet) => {
+                        packets += 1;
+                        if !codec_sent {
+                            codec_sent = true;
+                            let codec = track.codec(packet.header.ssrc).await;
+                            let (mime_type, clock_rate) =
+                                codec.map(|c| (c.mime_type, c.clock_rate)).unwrap_or_else(|| (String::new(), 90_000));
+                            gst::info!(
+                                CAT,
+                                "session {}: returned track carries {mime_type} (payload type {})",
+                                session.name,
+                                packet.header.payload_type
+                            );
+                            session.deliver_track(TrackItem::Codec {
+                                mime_type,
+                                clock_rate,
+                                payload_type: packet.header.payload_type,
+                            });
+                        }
+                        match packet.marshal() {
+                            Ok(bytes) => session.deliver_track(TrackItem::Packet(bytes.freeze())),
+                            Err(err) => gst::warning!(CAT, "session {}: cannot serialize an RTP packet: {err}", session.name),
+                        }
+                    }
+                    TrackRemoteEvent::OnEnded => break,
+                    _ => {}
+                }
+            }
+            gst::debug!(CAT, "session {}: returned track ended after {packets} RTP packets", session.name);
+        });
+    }
+
+    fn deliver_track(&self, item: TrackItem) {
+        if self.track_tx.try_send(item).is_err() {
+            self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn setup(what: &str, err: impl std::fmt::Display) -> SessionError {
+    SessionError::Setup { what: what.to_owned(), detail: err.to_string() }
+}
+
+struct Handler {
+    session: Weak<Shared>,
+    gathered: watch::Sender<bool>,
+}
+
+// Callbacks run on the connection's driver task: never block or wait in them.
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.send_replace(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let Some(session) = self.session.upgrade() else { return };
+        gst::debug!(CAT, "session {}: peer connection {state}", session.name);
+        let state = match state {
+            RTCPeerConnectionState::Connected => PeerState::Connected,
+            RTCPeerConnectionState::Disconnected => PeerState::Disconnected,
+            RTCPeerConnectionState::Failed => PeerState::Failed,
+            RTCPeerConnectionState::Closed if !session.is_closed() => PeerState::Closed,
+            _ => return,
+        };
+        session.handle(Input::Peer(state));
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if let Some(session) = self.session.upgrade() {
+            session.on_track(track);
+        }
+    }
+}

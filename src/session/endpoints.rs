@@ -1,0 +1,262 @@
+// The two ends of a session, each with one owner: the sink's upload writer
+// and the one result stream (the sink's, or the roboflowresultsrc's that
+// claimed the session before the sink started). Dropping an end is how its
+// owner lets go; the session closes when nobody can use it any more.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::SessionConfig;
+
+use super::core::{Input, Output, ResultEvent, SessionStats, State};
+use super::driver::{Shared, TrackItem};
+use super::error::SessionError;
+use super::registry;
+
+/// Closes the session once neither end holds it.
+#[derive(Debug)]
+pub(super) struct Alive(pub Arc<Shared>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        registry::unregister(&self.0);
+        self.0.close(SessionError::Closed);
+    }
+}
+
+/// The sink's end: connects, frames and sends the upload.
+#[derive(Debug)]
+pub struct UploadWriter {
+    shared: Arc<Shared>,
+    /// Keeps the session open while this end lives.
+    _alive: Arc<Alive>,
+    /// Chunk messages framed but not yet queued for sending: a wait that was
+    /// cancelled (a pause) resumes with them, so no byte is lost or repeated.
+    pending: VecDeque<Bytes>,
+}
+
+impl UploadWriter {
+    pub(super) fn new(shared: Arc<Shared>, alive: Arc<Alive>) -> Self {
+        UploadWriter { shared, _alive: alive, pending: VecDeque::new() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.shared.stats()
+    }
+
+    /// Warnings gathered since the last call (e.g. keepalives without echo).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.shared.take_warnings()
+    }
+
+    /// Waits until both data channels are open.
+    pub async fn connected(&self) -> Result<(), SessionError> {
+        self.shared.wait_state(|state| state != State::Connecting).await
+    }
+
+    /// Declares the upload's size; returns the number of chunk messages.
+    pub fn begin(&mut self, total_bytes: u64) -> Result<u64, SessionError> {
+        self.feed(Input::BeginUpload { total_bytes })?;
+        Ok(self.shared.stats().total_chunks)
+    }
+
+    /// Frames the next bytes of the upload; [`flush`](Self::flush) sends them.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        self.feed(Input::UploadData(data))
+    }
+
+    /// Queues every framed chunk for sending, waiting while the channel is at
+    /// its buffer limit. Cancel-safe: a cancelled flush loses nothing.
+    pub async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let sender = self.shared.upload_sender().ok_or_else(|| self.failure())?;
+        while let Some(chunk) = self.pending.pop_front() {
+            let permit = tokio::select! {
+                biased;
+                error = self.shared.failed() => Err(error),
+                permit = sender.reserve() => permit.map_err(|_| self.failure()),
+            };
+            match permit {
+                Ok(permit) => permit.send(chunk),
+                Err(error) => {
+                    self.pending.push_front(chunk);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// No more bytes: the declared size must have arrived.
+    pub fn end(&mut self) -> Result<(), SessionError> {
+        self.feed(Input::EndOfUpload)
+    }
+
+    /// Waits until every chunk was handed to the channel (after [`end`](Self::end)
+    /// and a complete [`flush`](Self::flush)).
+    pub async fn sent(&self) -> Result<(), SessionError> {
+        self.shared.wait_state(|state| matches!(state, State::Receiving | State::Complete)).await
+    }
+
+    fn feed(&mut self, input: Input<'_>) -> Result<(), SessionError> {
+        for output in self.shared.handle(input) {
+            if let Output::SendChunk(chunk) = output {
+                self.pending.push_back(chunk);
+            }
+        }
+        match self.shared.failure() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn failure(&self) -> SessionError {
+        self.shared.failure().unwrap_or(SessionError::Closed)
+    }
+}
+
+impl Drop for UploadWriter {
+    fn drop(&mut self) {
+        // Without the rest of the upload the server never finishes: nobody
+        // can use the session any more.
+        if matches!(self.shared.state(), State::Connecting | State::Connected | State::Uploading) {
+            self.shared.close(SessionError::UploadAbandoned { session: self.shared.name.clone() });
+        }
+    }
+}
+
+/// Who reads a session's results, for the error a writer sees when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Sink,
+    ResultSource,
+}
+
+/// The one consumer's end: each frame's result in order, then completion;
+/// the returned video track's packets; acks back to the server.
+#[derive(Debug)]
+pub struct ResultStream {
+    shared: Arc<Shared>,
+    /// Keeps the session open while this end lives.
+    _alive: Arc<Alive>,
+    events: mpsc::Receiver<ResultEvent>,
+    track: Option<mpsc::Receiver<TrackItem>>,
+    reader: Reader,
+}
+
+impl ResultStream {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        alive: Arc<Alive>,
+        events: mpsc::Receiver<ResultEvent>,
+        track: mpsc::Receiver<TrackItem>,
+    ) -> Self {
+        ResultStream { shared, _alive: alive, events, track: Some(track), reader: Reader::Sink }
+    }
+
+    pub(super) fn set_reader(&mut self, reader: Reader) {
+        self.reader = reader;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.shared.stats()
+    }
+
+    pub fn track_packets_dropped(&self) -> u64 {
+        self.shared.track_packets_dropped()
+    }
+
+    /// The returned video track's codec and packets (track transport).
+    pub fn take_track(&mut self) -> Option<mpsc::Receiver<TrackItem>> {
+        self.track.take()
+    }
+
+    /// The next result, or the failure that ended the session. Results that
+    /// arrived before a failure come first. Cancel-safe.
+    pub async fn next(&mut self) -> Result<ResultEvent, SessionError> {
+        tokio::select! {
+            biased;
+            event = self.events.recv() => event.ok_or_else(|| self.shared.failure().unwrap_or(SessionError::Closed)),
+            error = self.shared.failed() => Err(error),
+        }
+    }
+
+    /// Turns on acks (flow control), `lead` frames ahead of the handled ones.
+    pub fn enable_acks(&self, lead: u64) {
+        self.shared.handle(Input::EnableAcks { lead });
+    }
+
+    /// The consumer is done with this frame (it acks when acks are on).
+    pub fn frame_handled(&self, frame_id: u64) {
+        self.shared.handle(Input::FrameHandled(frame_id));
+    }
+}
+
+impl Drop for ResultStream {
+    fn drop(&mut self) {
+        if !self.shared.state().is_final() {
+            let reader = match self.reader {
+                Reader::Sink => "its roboflowuploadsink",
+                Reader::ResultSource => "its roboflowresultsrc",
+            };
+            self.shared.close(SessionError::ResultsAbandoned { session: self.shared.name.clone(), reader });
+        }
+    }
+}
+
+/// A read-only view of a session for `stats` properties and warnings; it
+/// does not keep the session open.
+#[derive(Debug, Clone)]
+pub struct SessionProbe(Arc<Shared>);
+
+impl SessionProbe {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.0.stats()
+    }
+
+    /// Warnings gathered since the last call (e.g. keepalives without echo).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.0.take_warnings()
+    }
+
+    pub fn track_packets_dropped(&self) -> u64 {
+        self.0.track_packets_dropped()
+    }
+}
+
+impl UploadWriter {
+    pub fn probe(&self) -> SessionProbe {
+        SessionProbe(self.shared.clone())
+    }
+}
+
+impl ResultStream {
+    pub fn probe(&self) -> SessionProbe {
+        SessionProbe(self.shared.clone())
+    }
+}

@@ -1,0 +1,127 @@
+// Every way a session can fail, as the user reads it. The elements turn a
+// `SessionError` into the text of their GStreamer ERROR message; README's
+// "Failure modes" table lists the same cases.
+
+use std::time::Duration;
+
+use crate::protocol::results::ResultError;
+
+/// Names the property that raises the limit a result ran into.
+fn size_limit_hint(error: &ResultError) -> &'static str {
+    match error {
+        ResultError::FrameTooLarge { .. } | ResultError::DecompressedTooLarge { .. } => " (max-result-size)",
+        _ => "",
+    }
+}
+
+fn seconds(duration: &Duration) -> String {
+    format!("{:.1}", duration.as_secs_f64())
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SessionError {
+    /// The HTTP offer/answer failed; the text names the URL and the server's
+    /// own explanation (signalling.rs).
+    #[error("{0}")]
+    Signalling(String),
+
+    /// A local WebRTC step failed before anything reached the server.
+    #[error("{what}: {detail}")]
+    Setup { what: String, detail: String },
+
+    #[error("the server's SDP answer is malformed: {0}")]
+    AnswerMalformed(String),
+
+    #[error("the server's SDP answer was refused: {0}")]
+    AnswerRefused(String),
+
+    #[error(
+        "no session with the server at {url} within {} s (connect-timeout) while {stage}",
+        seconds(timeout)
+    )]
+    ConnectTimeout { url: String, timeout: Duration, stage: &'static str },
+
+    #[error(
+        "the WebRTC connection to the server at {url} failed (ICE/DTLS); check that its UDP ports are reachable from {bind} (udp-bind-address, ice-servers)"
+    )]
+    ConnectionFailed { url: String, bind: String },
+
+    /// ICE consent stopped after the connection was up: the peer is gone.
+    #[error(
+        "the server at {url} stopped answering: no ICE response for about {} s after {results} results; its worker process may have died or the network path is gone",
+        seconds(silent_for)
+    )]
+    PeerLost { url: String, silent_for: Duration, results: u64 },
+
+    #[error("the server closed the WebRTC connection before processing_complete, after {results} results")]
+    PeerClosed { results: u64 },
+
+    #[error("the server closed the video_upload channel during the upload, after {sent} of {total} chunks")]
+    UploadChannelClosed { sent: u64, total: u64 },
+
+    #[error("sending chunk {chunk} of {total} on the video_upload channel failed: {detail}")]
+    UploadSendFailed { chunk: u64, total: u64, detail: String },
+
+    #[error(
+        "the upload made no progress for {} s (stall-timeout) after {sent} of {total} chunks: the server stopped reading the video_upload channel",
+        seconds(timeout)
+    )]
+    UploadStalled { timeout: Duration, sent: u64, total: u64 },
+
+    /// The bytes given to the upload do not match the size it declared.
+    #[error("{0}")]
+    UploadMismatch(String),
+
+    #[error("the server closed the inference channel before processing_complete, after {results} results")]
+    ControlChannelClosed { results: u64 },
+
+    #[error("sending on the inference channel failed: {0}")]
+    ControlSendFailed(String),
+
+    #[error("no result from the server for {} s (stall-timeout) after {results} frames", seconds(timeout))]
+    ResultsStalled { timeout: Duration, results: u64 },
+
+    #[error("a result message from the server is invalid: {error}{}", size_limit_hint(error))]
+    InvalidResultMessage { error: ResultError },
+
+    #[error("the result of frame {frame} is not valid JSON ({detail}); it starts with {start:?}")]
+    ResultNotJson { frame: u32, detail: String, start: String },
+
+    #[error("the result of frame {frame} does not have the expected shape: {detail}")]
+    ResultShape { frame: u32, detail: String },
+
+    #[error(
+        "the server decoded no frames from the upload (processing_complete after 0 results{}); is the input a video FFmpeg can read?",
+        reason.as_deref().map(|reason| format!(", termination_reason {reason}")).unwrap_or_default()
+    )]
+    NothingDecoded { reason: Option<String> },
+
+    /// The result consumer (the sink, or its roboflowresultsrc) let go before
+    /// processing_complete: nobody reads the results any more.
+    #[error("the results of session '{session}' are no longer read: {reader} stopped before processing_complete")]
+    ResultsAbandoned { session: String, reader: &'static str },
+
+    /// The sink let go before its upload was complete.
+    #[error("the roboflowuploadsink of session '{session}' stopped before its upload was complete")]
+    UploadAbandoned { session: String },
+
+    #[error("session name '{session}' is already used by another running roboflowuploadsink; give each sink its own 'session'")]
+    NameInUse { session: String },
+
+    #[error("the session was closed")]
+    Closed,
+}
+
+impl SessionError {
+    /// A failure caused by the session being closed on purpose (a state
+    /// change), not by the server: not worth an ERROR message.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, SessionError::Closed)
+    }
+}
+
+impl From<ResultError> for SessionError {
+    fn from(error: ResultError) -> Self {
+        SessionError::InvalidResultMessage { error }
+    }
+}
