@@ -2,7 +2,7 @@
 
 use gst::prelude::*;
 
-use crate::protocol::messages::redact_images;
+use crate::protocol::redact_images;
 use crate::session::FrameEvent;
 
 pub const PROGRESS_MESSAGE: &str = "roboflow-upload-progress";

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config::VideoTransport;
 use crate::protocol::keepalive::AckTracker;
-use crate::protocol::messages::{ack_message, find_image};
+use crate::protocol::{ack_message, find_image};
 use crate::runtime::{self, WaitError, Waits};
 use crate::session::{FrameEvent, Session, SessionEvent, TrackItem, registry};
 

@@ -26,7 +26,7 @@ use webrtc::peer_connection::{
 
 use crate::config::SessionConfig;
 use crate::protocol::keepalive::KeepaliveTracker;
-use crate::protocol::messages::FrameResult;
+use crate::protocol::FrameResult;
 use crate::protocol::results::{ReassemblyLimits, ResultError, ResultReassembler};
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN, is_keepalive};
 use crate::runtime::RUNTIME;

@@ -869,12 +869,9 @@ impl UploadSink {
             }
             Mode::Streamed(streamed) => {
                 let Streamed { mut framer, upload } = *streamed;
-                let last = framer
+                framer
                     .finish()
                     .map_err(|err| failure(format!("upstream ended early: {err}")))?;
-                if let Some(chunk) = last {
-                    self.send_chunk(session, config, &upload, chunk)?;
-                }
                 upload
             }
             Mode::Spooled(spool) => self.upload_spool(session, config, spool, progress)?,
@@ -920,9 +917,7 @@ impl UploadSink {
                 self.progress_message(session, progress, false);
             }
         }
-        if let Some(chunk) = framer.finish().map_err(|err| failure(err.to_string()))? {
-            self.send_chunk(session, config, &upload, chunk)?;
-        }
+        framer.finish().map_err(|err| failure(err.to_string()))?;
         // `spool` drops here: the temporary file is deleted.
         Ok(upload)
     }
