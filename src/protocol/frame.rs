@@ -58,6 +58,21 @@ impl VideoMetadata {
     pub fn pts_seconds(&self) -> Option<f64> {
         Some(self.pts? as f64 * self.time_base?)
     }
+
+    /// The frame's presentation time in whole nanoseconds (see
+    /// [`pts_seconds_to_ns`]).
+    pub fn pts_ns(&self) -> Option<u64> {
+        self.pts_seconds().and_then(pts_seconds_to_ns)
+    }
+}
+
+/// A presentation time in seconds as whole nanoseconds, for a buffer
+/// timestamp. `None` when no timestamp can carry it: negative, not finite,
+/// or past `u64::MAX` ns (GStreamer's "no time"); the server's numbers are
+/// not trusted.
+pub fn pts_seconds_to_ns(seconds: f64) -> Option<u64> {
+    let nanoseconds = (seconds * 1e9).round();
+    (nanoseconds >= 0.0 && nanoseconds < u64::MAX as f64).then_some(nanoseconds as u64)
 }
 
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
@@ -196,6 +211,7 @@ mod tests {
             }
         );
         assert_eq!(metadata.pts_seconds(), Some(4.0));
+        assert_eq!(metadata.pts_ns(), Some(4_000_000_000));
         assert_eq!(result.frame_id(), Some(17));
         assert_eq!(result.errors, vec!["step x failed".to_owned()]);
         assert!(!result.processing_complete);
@@ -235,6 +251,7 @@ mod tests {
             ..VideoMetadata::default()
         };
         assert_eq!(partial.pts_seconds(), None);
+        assert_eq!(partial.pts_ns(), None);
     }
 
     #[test]
@@ -305,5 +322,19 @@ mod tests {
         assert_eq!(ack_message(u64::MAX), format!("{{\"ack\":{}}}", u64::MAX));
         let parsed: Value = serde_json::from_str(&ack_message(7)).unwrap();
         assert_eq!(parsed, json!({"ack": 7}));
+    }
+
+    #[test]
+    fn pts_nanoseconds_only_when_a_timestamp_can_carry_them() {
+        assert_eq!(pts_seconds_to_ns(0.0), Some(0));
+        assert_eq!(pts_seconds_to_ns(1.0 / 3.0), Some(333_333_333));
+        assert_eq!(pts_seconds_to_ns(-0.0), Some(0));
+        assert_eq!(pts_seconds_to_ns(-1e-3), None);
+        assert_eq!(pts_seconds_to_ns(f64::NAN), None);
+        assert_eq!(pts_seconds_to_ns(f64::INFINITY), None);
+        // 2^64 ns would read as GST_CLOCK_TIME_NONE: refused, never saturated.
+        assert_eq!(pts_seconds_to_ns(18_446_744_073.709_553), None);
+        assert_eq!(pts_seconds_to_ns(1e12), None);
+        assert!(pts_seconds_to_ns(18_446_744_000.0).is_some());
     }
 }

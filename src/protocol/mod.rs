@@ -11,7 +11,9 @@ pub mod results;
 pub mod upload;
 
 pub use error_body::describe_error_body;
-pub use frame::{FrameResult, VideoMetadata, ack_message, find_image, redact_images};
+pub use frame::{
+    FrameResult, VideoMetadata, ack_message, find_image, pts_seconds_to_ns, redact_images,
+};
 pub use initialise::{
     DEFAULT_IMAGE_INPUT_NAME, IceServer, InitialiseAnswer, InitialiseRequest,
     SessionDescriptionJson, WebrtcConfig, WorkflowConfiguration, WorkflowSource,

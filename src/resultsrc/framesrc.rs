@@ -601,10 +601,7 @@ async fn send_acks(session: Arc<Session>, mut acks: tokio::sync::watch::Receiver
 const TRACK_DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 pub fn pts_ns(frame: &FrameEvent) -> Option<u64> {
-    frame
-        .pts_seconds
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| (s * 1e9).round() as u64)
+    frame.pts_seconds.and_then(crate::protocol::pts_seconds_to_ns)
 }
 
 /// The frame rate for caps: declared, measured by the server, or from the
