@@ -147,10 +147,16 @@ mod tests {
         .unwrap();
         let body = serde_json::to_value(build_request(&config, "v=0".into())).unwrap();
         assert_eq!(body["api_key"], "k");
-        assert_eq!(body["webrtc_offer"], serde_json::json!({"type": "offer", "sdp": "v=0"}));
+        assert_eq!(
+            body["webrtc_offer"],
+            serde_json::json!({"type": "offer", "sdp": "v=0"})
+        );
         assert_eq!(body["stream_output"], serde_json::json!([]));
         assert_eq!(body["data_output"], serde_json::json!(["blurred"]));
-        assert_eq!(body["workflow_configuration"]["type"], "WorkflowConfiguration");
+        assert_eq!(
+            body["workflow_configuration"]["type"],
+            "WorkflowConfiguration"
+        );
         assert_eq!(body["workflow_configuration"]["image_input_name"], "image");
         assert_eq!(body["webrtc_realtime_processing"], false);
         assert_eq!(body["video_file_upload"], true);

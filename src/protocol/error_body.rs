@@ -1,5 +1,11 @@
 //! Turns the server's HTTP error answers (its own JSON, FastAPI's, or a
 //! proxy's HTML page) into one line a person can act on.
+//!
+//! HTML is reduced to text by a few lines here rather than a crate: the
+//! small one, nanohtml2text (zero dependencies, ~2,800 lines with its entity
+//! table), drops `<head>` and with it the `<title>` that often holds the
+//! only words of a proxy's error page; html2text and scraper bring a full
+//! HTML5 parser (html5ever) for a one-line message.
 
 use serde_json::{Map, Value};
 
@@ -165,38 +171,51 @@ fn describe_text_body(status: u16, body: &[u8]) -> String {
     }
 }
 
-/// Drops tags (and the contents of `<script>`/`<style>`) from an HTML page,
-/// keeping its text, which is what a person would read.
+/// The text of an HTML page, as a person would read it: tags become spaces,
+/// `<script>` and `<style>` lose their contents, and the common entities are
+/// decoded. Error pages are short proxy or server pages, so this does not
+/// parse HTML (comments, attributes holding `>`, and rare entities pass as
+/// they are); see the module documentation for the crates weighed.
 fn strip_markup(html: &str) -> String {
-    let mut out = String::with_capacity(html.len().min(4096));
-    let mut rest = html;
-    while let Some(open) = rest.find('<') {
-        out.push_str(&rest[..open]);
-        out.push(' ');
-        let after = &rest[open..];
-        let Some(close) = after.find('>') else {
-            rest = "";
-            break;
+    let mut pieces = html.split('<');
+    let mut text = pieces.next().unwrap_or_default().to_owned();
+    // Inside <script> or <style>: the closing tag that ends it.
+    let mut skip_until: Option<&str> = None;
+    for piece in pieces {
+        // A '<' without a '>' is not a tag a page would show.
+        let Some((tag, after)) = piece.split_once('>') else {
+            continue;
         };
-        let tag = after[1..close].trim_start().to_ascii_lowercase();
-        rest = &after[close + 1..];
-        for skipped in ["script", "style"] {
-            if tag.starts_with(skipped) {
-                let end_tag = format!("</{skipped}");
-                rest = match rest.to_ascii_lowercase().find(&end_tag) {
-                    Some(end) => &rest[end..],
-                    None => "",
-                };
-            }
+        let name = tag
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match skip_until {
+            Some(end) if name != end => continue,
+            Some(_) => skip_until = None,
+            None if name == "script" => skip_until = Some("/script"),
+            None if name == "style" => skip_until = Some("/style"),
+            None => {}
+        }
+        text.push(' ');
+        if skip_until.is_none() {
+            text.push_str(after);
         }
     }
-    out.push_str(rest);
-    out.replace("&nbsp;", " ")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&amp;", "&")
+    // `&amp;` last, so that `&amp;lt;` reads `&lt;`.
+    [
+        ("&nbsp;", " "),
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+        ("&quot;", "\""),
+        ("&#39;", "'"),
+        ("&amp;", "&"),
+    ]
+    .into_iter()
+    .fold(text, |text, (entity, character)| {
+        text.replace(entity, character)
+    })
 }
 
 fn collapse_whitespace(text: &str) -> String {
@@ -303,5 +322,15 @@ mod tests {
         // Multi-byte characters are never cut in half.
         let wide = "é".repeat(400);
         assert!(describe_error_body(500, wide.as_bytes()).ends_with("é..."));
+    }
+
+    #[test]
+    fn markup_loses_scripts_and_keeps_text() {
+        let page = "<!DOCTYPE html><HTML><Script type=x>if (a<b) { c(\"</p>\") }</SCRIPT >\
+            <p class=\"m\">Bad&nbsp;gateway: a &amp;lt; b &quot;x&quot;</p><style>p{}</style>end <b";
+        assert_eq!(
+            collapse_whitespace(&strip_markup(page)),
+            "Bad gateway: a &lt; b \"x\" end"
+        );
     }
 }
