@@ -1,23 +1,72 @@
 // The element messages the plugin posts on the bus.
 
-use gst::prelude::*;
-
-use crate::protocol::messages::redact_images;
+use crate::protocol::redact_images;
 use crate::session::FrameEvent;
 
 pub const PROGRESS_MESSAGE: &str = "roboflow-upload-progress";
 pub const INFERENCE_MESSAGE: &str = "roboflow-inference";
 
 /// The `roboflow-inference` message body for one frame.
+///
+/// `errors` is a string holding a JSON array of strings, not a typed list:
+/// GStreamer 1.22 prints an empty GstValueArray as `(int)< >` (an empty
+/// array's type is taken as int) and a GStrv field as `(GStrv)NULL` even
+/// when it has items, so neither reads right in `gst-launch-1.0 -m`.
 pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
-    let pts = frame
-        .pts_seconds
-        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-        .map(|seconds| gst::ClockTime::from_nseconds((seconds * 1e9).round() as u64));
+    let pts = frame.pts_ns().map(gst::ClockTime::from_nseconds);
+    let errors = serde_json::to_string(&frame.errors).expect("a list of strings is JSON");
     gst::Structure::builder(INFERENCE_MESSAGE)
         .field("frame-id", frame.frame_id)
         .field("pts", pts)
         .field("json", redact_images(&frame.json).to_string())
-        .field("errors", gst::Array::new(frame.errors.iter().map(|e| e.to_send_value())))
+        .field("errors", errors)
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(errors: &[&str]) -> FrameEvent {
+        FrameEvent {
+            frame_id: 3,
+            pts_seconds: Some(0.1),
+            errors: errors.iter().map(|e| (*e).to_owned()).collect(),
+            json: serde_json::json!({"errors": errors}),
+        }
+    }
+
+    #[test]
+    fn errors_read_as_a_list_of_strings_when_printed() {
+        gst::init().unwrap();
+        let empty = inference_structure(&frame(&[])).to_string();
+        assert!(empty.contains(r#"errors=(string)"\[\]""#), "{empty}");
+        assert!(empty.contains("pts=(guint64)100000000"), "{empty}");
+
+        let structure = inference_structure(&frame(&["step x failed", "a, \"b\""]));
+        let text = structure.to_string();
+        assert!(
+            text.contains(r#"errors=(string)"\[\"step\ x\ failed\""#),
+            "{text}"
+        );
+        let errors: Vec<String> =
+            serde_json::from_str(structure.get::<&str>("errors").unwrap()).unwrap();
+        assert_eq!(errors, ["step x failed", "a, \"b\""]);
+    }
+
+    #[test]
+    fn a_pts_no_clock_time_can_carry_is_left_out() {
+        gst::init().unwrap();
+        for seconds in [-1.0, f64::NAN, 1e12] {
+            let event = FrameEvent {
+                pts_seconds: Some(seconds),
+                ..frame(&[])
+            };
+            let structure = inference_structure(&event);
+            assert_eq!(
+                structure.get::<Option<gst::ClockTime>>("pts").unwrap(),
+                None
+            );
+        }
+    }
 }

@@ -4,9 +4,9 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::config::{ApiKeyTransport, SessionConfig};
-use crate::protocol::messages::{
-    IceServer as IceServerJson, InitialiseAnswer, InitialiseRequest, SessionDescriptionJson,
-    WebrtcConfig, WorkflowConfiguration, describe_error_body,
+use crate::protocol::{
+    InitialiseAnswer, InitialiseRequest, SessionDescriptionJson, WebrtcConfig,
+    WorkflowConfiguration, describe_error_body,
 };
 
 static HTTP: LazyLock<reqwest::Client> = LazyLock::new(|| {
@@ -34,20 +34,9 @@ pub fn build_request(config: &SessionConfig, offer_sdp: String) -> InitialiseReq
             image_input_name: config.image_input_name.clone(),
             workflows_parameters: config.workflow_parameters.clone(),
         },
-        webrtc_offer: SessionDescriptionJson {
-            kind: "offer".to_owned(),
-            sdp: offer_sdp,
-        },
+        webrtc_offer: SessionDescriptionJson::offer(offer_sdp),
         webrtc_config: (!config.ice_servers.is_empty()).then(|| WebrtcConfig {
-            ice_servers: config
-                .ice_servers
-                .iter()
-                .map(|server| IceServerJson {
-                    urls: server.urls.clone(),
-                    username: server.username.clone(),
-                    credential: server.credential.clone(),
-                })
-                .collect(),
+            ice_servers: config.ice_servers.clone(),
         }),
         webrtc_realtime_processing: config.realtime_processing,
         stream_output: config.request_stream_output(),
@@ -148,7 +137,9 @@ mod tests {
     fn request_body_for_a_spec_in_datachannel_mode() {
         let config = UploadSettings {
             api_key: Some("k".into()),
-            workflow_spec: Some(r#"{"steps":[]}"#.into()),
+            workflow_spec: Some(
+                r#"{"steps":[],"outputs":[{"name":"blurred","selector":"$steps.b.image"}]}"#.into(),
+            ),
             stream_output: Some("blurred".into()),
             ..Default::default()
         }
@@ -156,10 +147,16 @@ mod tests {
         .unwrap();
         let body = serde_json::to_value(build_request(&config, "v=0".into())).unwrap();
         assert_eq!(body["api_key"], "k");
-        assert_eq!(body["webrtc_offer"], serde_json::json!({"type": "offer", "sdp": "v=0"}));
+        assert_eq!(
+            body["webrtc_offer"],
+            serde_json::json!({"type": "offer", "sdp": "v=0"})
+        );
         assert_eq!(body["stream_output"], serde_json::json!([]));
         assert_eq!(body["data_output"], serde_json::json!(["blurred"]));
-        assert_eq!(body["workflow_configuration"]["type"], "WorkflowConfiguration");
+        assert_eq!(
+            body["workflow_configuration"]["type"],
+            "WorkflowConfiguration"
+        );
         assert_eq!(body["workflow_configuration"]["image_input_name"], "image");
         assert_eq!(body["webrtc_realtime_processing"], false);
         assert_eq!(body["video_file_upload"], true);

@@ -7,7 +7,7 @@
 mod protocol;
 
 use libfuzzer_sys::fuzz_target;
-use protocol::messages::{FrameResult, InitialiseAnswer, describe_error_body, find_image, redact_images};
+use protocol::{FrameResult, InitialiseAnswer, describe_error_body, find_image, redact_images};
 
 fuzz_target!(|data: &[u8]| {
     let status = data.first().map(|b| 400 + u16::from(*b)).unwrap_or(500);

@@ -3,17 +3,22 @@
 //! clocks; callers pass data and the current time in and send what comes out.
 //! See PROTOCOL.md (sections 2-5 and 7) for the wire protocol.
 
+pub mod error_body;
+pub mod frame;
+pub mod initialise;
 pub mod keepalive;
-pub mod messages;
 pub mod results;
 pub mod upload;
 
-pub use keepalive::{AckTracker, DEFAULT_KEEPALIVE_INTERVAL, KeepaliveTracker};
-pub use messages::{
-    FrameResult, IceServer, InitialiseAnswer, InitialiseRequest, SessionDescriptionJson,
-    VideoMetadata, WebrtcConfig, WorkflowConfiguration, WorkflowSource, ack_message,
-    data_output_message, describe_error_body, find_image, redact_images, stream_output_message,
+pub use error_body::describe_error_body;
+pub use frame::{
+    FrameResult, VideoMetadata, ack_message, find_image, pts_seconds_to_ns, redact_images,
 };
+pub use initialise::{
+    DEFAULT_IMAGE_INPUT_NAME, IceServer, InitialiseAnswer, InitialiseRequest,
+    SessionDescriptionJson, WebrtcConfig, WorkflowConfiguration, WorkflowSource,
+};
+pub use keepalive::{AckTracker, DEFAULT_KEEPALIVE_INTERVAL, KeepaliveTracker};
 pub use results::{
     CompletedResult, RESULT_HEADER_LEN, ReassemblyLimits, ResultError, ResultReassembler,
     decode_result_header, encode_result_header, is_gzip,

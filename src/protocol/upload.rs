@@ -186,10 +186,10 @@ impl UploadFramer {
         Ok(completed)
     }
 
-    /// Ends the stream. Every full message was already returned by
-    /// [`push`](Self::push), so this returns `Ok(None)` when the declared
-    /// total arrived, and [`UploadError::TooLittleData`] when bytes are missing.
-    pub fn finish(&mut self) -> Result<Option<Bytes>, UploadError> {
+    /// Ends the stream: [`UploadError::TooLittleData`] when bytes of the
+    /// declared total are missing. There is never a last message to flush,
+    /// since [`push`](Self::push) returns each one the moment it is full.
+    pub fn finish(&mut self) -> Result<(), UploadError> {
         if self.bytes_consumed < self.total_bytes {
             return Err(UploadError::TooLittleData {
                 expected: self.total_bytes,
@@ -198,7 +198,7 @@ impl UploadFramer {
         }
         debug_assert!(self.pending.is_none());
         debug_assert_eq!(self.chunks_emitted, self.total_chunks);
-        Ok(None)
+        Ok(())
     }
 
     /// Number of chunks the whole upload takes (the header's `total_chunks`).
@@ -252,7 +252,7 @@ mod tests {
             out.extend(framer.push(&rest[..n]).unwrap());
             rest = &rest[n..];
         }
-        assert_eq!(framer.finish().unwrap(), None);
+        framer.finish().unwrap();
         assert!(framer.is_complete());
         out
     }
@@ -387,7 +387,7 @@ mod tests {
         assert_eq!(framer.chunks_emitted(), 3);
         assert_eq!(framer.total_chunks(), 3);
         assert_eq!(framer.total_bytes(), 25);
-        assert_eq!(framer.finish(), Ok(None));
+        assert_eq!(framer.finish(), Ok(()));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use gst_base::subclass::prelude::*;
 use tokio::sync::mpsc;
 
 use crate::config::VideoTransport;
-use crate::protocol::messages::find_image;
+use crate::protocol::find_image;
 use crate::runtime::{WaitError, Waits};
 use crate::session::registry::Claim;
 use crate::session::{FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, TrackItem};
@@ -563,10 +563,7 @@ impl FrameSrc {
 const TRACK_DRAIN_QUIET: Duration = Duration::from_millis(300);
 
 pub fn pts_ns(frame: &FrameEvent) -> Option<u64> {
-    frame
-        .pts_seconds
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| (s * 1e9).round() as u64)
+    frame.pts_seconds.and_then(crate::protocol::pts_seconds_to_ns)
 }
 
 /// The frame rate for caps: declared, measured by the server, or from the

@@ -13,7 +13,7 @@ use serde::Deserialize as _;
 
 use crate::config::SessionConfig;
 use crate::protocol::keepalive::{AckTracker, KeepaliveTracker};
-use crate::protocol::messages::{FrameResult, ack_message};
+use crate::protocol::{FrameResult, ack_message, pts_seconds_to_ns};
 use crate::protocol::results::{ReassemblyLimits, ResultReassembler};
 use crate::protocol::upload::{UploadError, UploadFramer, is_keepalive};
 
@@ -76,9 +76,7 @@ pub struct FrameEvent {
 impl FrameEvent {
     /// The source PTS in nanoseconds, when the result carries a usable one.
     pub fn pts_ns(&self) -> Option<u64> {
-        self.pts_seconds
-            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-            .map(|seconds| (seconds * 1e9).round() as u64)
+        self.pts_seconds.and_then(pts_seconds_to_ns)
     }
 }
 

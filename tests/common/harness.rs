@@ -143,8 +143,10 @@ pub fn sink_of(pipeline: &gst::Pipeline, name: &str) -> gst::Element {
 /// A minimal valid workflow (the test worker accepts any with `steps`).
 pub const WORKFLOW: &str = r#"{"version":"1.0","inputs":[{"type":"InferenceImage","name":"image"}],"steps":[{"type":"roboflow_core/dominant_color@v1","name":"color","image":"$inputs.image"}],"outputs":[{"type":"JsonField","name":"rgb_color","selector":"$steps.color.rgb_color"}]}"#;
 
+/// dominant-color.json plus an `image` output, which the tests stream back:
+/// the sink refuses a stream-output that the specification lacks.
 pub fn workflow_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows/dominant-color.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/dominant-color-image.json")
 }
 
 /// The sink's properties for a test against `url`, with short timeouts.

@@ -1,0 +1,77 @@
+// What the user configures on roboflowuploadsink, and its validation into a
+// session configuration. Pure functions: every check runs before any network.
+//
+// settings.rs: the properties as set, their limits, and `validate`;
+// workflow.rs: which Workflow runs and which of its outputs come back;
+// network.rs: ICE servers, the UDP bind address and the SCTP packet size;
+// session_config.rs: the validated result, and how it reads on the wire.
+
+mod network;
+mod session_config;
+mod settings;
+mod workflow;
+
+pub use crate::protocol::{DEFAULT_IMAGE_INPUT_NAME, IceServer, WorkflowSource};
+pub use network::{AUTO_SCTP_MTU, MAX_SCTP_MTU, MIN_SCTP_MTU};
+pub use session_config::SessionConfig;
+pub use settings::{
+    API_KEY_ENV, ApiKeyTransport, DEFAULT_API_URL, DEFAULT_BUFFER_LIMIT, DEFAULT_CHUNK_SIZE_U32,
+    DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_MAX_RESULT_SIZE,
+    DEFAULT_STALL_TIMEOUT_MS, MAX_CHUNK_SIZE_U32, MIN_BUFFER_LIMIT, MIN_CHUNK_SIZE,
+    MIN_MAX_RESULT_SIZE, UploadMode, UploadSettings, VideoTransport,
+};
+pub use workflow::DEFAULT_TASK_TYPE;
+
+/// A configuration error, naming the property the user has to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub property: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "property '{}': {}", self.property, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn config_error(property: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        property,
+        message: message.into(),
+    }
+}
+
+/// The trimmed value of a string property, `None` when unset or blank.
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// Splits a comma-separated list property into its trimmed, non-empty items.
+fn split_list(value: &Option<String>) -> Vec<String> {
+    non_empty(value)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod test_support {
+    use super::UploadSettings;
+
+    /// Default settings with a minimal inline Workflow and no API key.
+    pub fn with_spec() -> UploadSettings {
+        UploadSettings {
+            api_key: None,
+            workflow_spec: Some(r#"{"version":"1.0","steps":[]}"#.into()),
+            ..Default::default()
+        }
+    }
+}
