@@ -205,7 +205,7 @@ fn multi_chunk_results_with_datachannel_frames() {
 const FRAME_ERROR: &str = "predictions: 'detection_id'";
 
 fn check_errors(frame_id: u64, errors: &[String], json: &Value) {
-    let expected: Vec<String> = if frame_id % 3 == 0 { vec![FRAME_ERROR.to_owned()] } else { Vec::new() };
+    let expected: Vec<String> = if frame_id.is_multiple_of(3) { vec![FRAME_ERROR.to_owned()] } else { Vec::new() };
     assert_eq!(errors, expected.as_slice(), "frame {frame_id}: errors field");
     assert_eq!(json["errors"], serde_json::json!(expected), "frame {frame_id}: errors in the JSON");
 }

@@ -19,6 +19,11 @@
 //! Each frame's JSON is sent first, then the frame (inverted, see
 //! [`inverted_frame`]) is encoded and its RTP packets are written with the
 //! timestamp origin + pts at 90 kHz.
+//!
+//! [`WorkerConfig`] holds two kinds of deviation from the plain case: knobs
+//! for things the real server does too (results spanning chunks, per-frame
+//! `errors`, realtime drops, another time base, a lost first track frame),
+//! and [`Fault`]s, which a correct server never does.
 
 #![allow(dead_code)]
 
