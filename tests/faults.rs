@@ -181,36 +181,111 @@ fn a_non_json_error_body() {
 
 #[test]
 fn a_malformed_sdp_answer() {
-    check(Case::faults(vec![Fault::MalformedSdp], &["SDP answer"]));
+    // The answer does not parse: "malformed", not "refused" (which is an
+    // answer that parses but does not fit the offer).
+    let text = check(Case::faults(vec![Fault::MalformedSdp], &["the server's SDP answer is malformed"]));
+    assert!(!text.contains("refused"), "{text}");
 }
 
 #[test]
 fn ice_that_never_connects() {
-    let text = check(
-        Case::faults(vec![Fault::NeverConnect], &["connect-timeout"])
-            .within(Duration::from_millis(u64::from(CONNECT_TIMEOUT_MS) + 6000)),
+    check(
+        Case::faults(
+            vec![Fault::NeverConnect],
+            &[&format!(
+                "within {:.1} s (connect-timeout) while connecting to the server (ICE, DTLS, SCTP) and opening the inference channel",
+                f64::from(CONNECT_TIMEOUT_MS) / 1000.0
+            )],
+        )
+        .within(Duration::from_millis(u64::from(CONNECT_TIMEOUT_MS) + 6000)),
     );
-    assert!(text.contains("ICE"), "{text}");
+}
+
+/// N and M of "<prefix>N of M" in `text`.
+fn n_of_m(text: &str, prefix: &str) -> (u64, u64) {
+    let start = text.find(prefix).unwrap_or_else(|| panic!("{text:?} does not say {prefix:?}")) + prefix.len();
+    let words: Vec<&str> = text[start..].splitn(4, ' ').collect();
+    match words.as_slice() {
+        [n, "of", m, ..] => match (n.parse(), m.parse()) {
+            (Ok(n), Ok(m)) => (n, m),
+            _ => panic!("{text:?}: no 'N of M' after {prefix:?}"),
+        },
+        _ => panic!("{text:?}: no 'N of M' after {prefix:?}"),
+    }
 }
 
 #[test]
 fn the_server_closes_video_upload_mid_upload() {
-    check(
-        Case::faults(vec![Fault::CloseUploadAfterChunks(2)], &["video_upload"])
-            .input(Input::Random { bytes: 20 * 49152 }),
+    // Read slowly, so that the client cannot run far ahead of the two
+    // chunks the worker reads before it closes the channel; a 64 KiB
+    // buffer-limit holds one chunk message in flight.
+    let text = check(
+        Case::new(
+            Some(WorkerConfig {
+                faults: vec![Fault::CloseUploadAfterChunks(2)],
+                upload_read_delay: Some(Duration::from_millis(100)),
+                ..Default::default()
+            }),
+            &[],
+        )
+        .input(Input::Random { bytes: 20 * 49152 })
+        .extra("buffer-limit=65536"),
     );
+    // The upload task's failing send and the channel's close event race
+    // to report it; either way it names the chunks sent and the total.
+    let closed = "the server closed the video_upload channel during the upload, after ";
+    let (sent, total) = if text.contains(closed) {
+        n_of_m(&text, closed)
+    } else {
+        let (failed, total) = n_of_m(&text, "sending chunk ");
+        let failure = format!("sending chunk {failed} of {total} on the video_upload channel failed: data channel closed");
+        assert!(text.contains(&failure), "{text}");
+        (failed - 1, total)
+    };
+    assert!(text.contains(&format!("{sent} of {total} chunks")) || !text.contains(closed), "{text}");
+    assert_eq!(total, 20, "{text}");
+    assert!((2..=4).contains(&sent), "the worker closed after reading 2 chunks; the client had sent {sent}: {text}");
+}
+
+#[test]
+fn the_server_stops_reading_the_upload() {
+    // 10 s per chunk: the first chunk message fills buffer-limit and is
+    // still unread when stall-timeout (2 s) runs out.
+    let text = check(
+        Case::new(Some(WorkerConfig { upload_read_delay: Some(Duration::from_secs(10)), ..Default::default() }), &[])
+            .input(Input::Random { bytes: 20 * 49152 })
+            .extra("buffer-limit=65536")
+            .within(Duration::from_millis(u64::from(CONNECT_TIMEOUT_MS + STALL_TIMEOUT_MS) + 6000)),
+    );
+    let expected = format!(
+        "the upload made no progress for {:.1} s (stall-timeout) after ",
+        f64::from(STALL_TIMEOUT_MS) / 1000.0
+    );
+    let (sent, total) = n_of_m(&text, &expected);
+    assert_eq!((sent, total), (1, 20), "one chunk message fits buffer-limit: {text}");
+    assert!(text.contains("after 1 of 20 chunks: the server stopped reading the video_upload channel"), "{text}");
 }
 
 #[test]
 fn the_peer_connection_drops_while_results_flow() {
-    check(Case::faults(vec![Fault::DropPeerAfterFrames(3)], &["before processing_complete"]));
+    check(Case::faults(
+        vec![Fault::DropPeerAfterFrames(3)],
+        &["the server closed the inference channel before processing_complete, after 3 results"],
+    ));
 }
 
 #[test]
 fn processing_complete_never_comes() {
+    // All 20 results arrive, then nothing: the result stall, not the upload's.
     check(
-        Case::faults(vec![Fault::NeverComplete], &["stall-timeout"])
-            .within(Duration::from_millis(u64::from(STALL_TIMEOUT_MS) + 12000)),
+        Case::faults(
+            vec![Fault::NeverComplete],
+            &[&format!(
+                "no result from the server for {:.1} s (stall-timeout) after 20 frames",
+                f64::from(STALL_TIMEOUT_MS) / 1000.0
+            )],
+        )
+        .within(Duration::from_millis(u64::from(STALL_TIMEOUT_MS) + 12000)),
     );
 }
 

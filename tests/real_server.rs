@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::harness::*;
@@ -33,8 +34,59 @@ fn sink(extra: &str) -> String {
     )
 }
 
+const WIDTH: i32 = 320;
+const HEIGHT: i32 = 240;
+/// make_clip's frame rate.
+const FPS: u64 = 30;
+/// How far a pts may be from frame index / 30 fps: the server's time base
+/// (the file's, from PyAV) and the track's 90 kHz clock round it.
+const PTS_TOLERANCE_NS: u64 = 1_000_000;
+
 fn clip(dir: &Path, frames: u32) -> PathBuf {
-    make_clip(&dir.join("clip.mp4"), frames, 320, 240)
+    make_clip(&dir.join("clip.mp4"), frames, WIDTH as u32, HEIGHT as u32)
+}
+
+/// Where frame `frame_id` (1-based) of a make_clip clip is on its timeline.
+fn clip_pts_ns(frame_id: u64) -> u64 {
+    (frame_id - 1) * 1_000_000_000 / FPS
+}
+
+/// (frame-id, pts) of each roboflow-inference message, in bus order.
+fn message_pts(outcome: &Outcome) -> Vec<(u64, u64)> {
+    outcome
+        .named("roboflow-inference")
+        .iter()
+        .map(|message| {
+            let frame_id = message.get::<u64>("frame-id").unwrap();
+            let pts = message
+                .get::<Option<gst::ClockTime>>("pts")
+                .unwrap()
+                .unwrap_or_else(|| panic!("frame {frame_id}: the message has no pts"));
+            (frame_id, pts.nseconds())
+        })
+        .collect()
+}
+
+/// Every message in order, numbered 1..=frames, at frame index / 30 fps.
+fn check_messages(outcome: &Outcome, frames: u64) {
+    let posted = message_pts(outcome);
+    let ids: Vec<u64> = posted.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, (1..=frames).collect::<Vec<_>>(), "one message per frame, in order");
+    for (frame_id, pts) in &posted {
+        let expected = clip_pts_ns(*frame_id);
+        assert!(pts.abs_diff(expected) <= PTS_TOLERANCE_NS, "frame {frame_id}: message pts {pts} ns, expected {expected} ns");
+    }
+    assert!(posted.windows(2).all(|w| w[0].1 < w[1].1), "message pts increase: {posted:?}");
+}
+
+/// The sink's stats at the end of a completed job.
+fn check_sink_stats(stats: &gst::Structure, frames: u64) {
+    assert_eq!(stats.get::<String>("phase").unwrap(), "complete", "{stats}");
+    let chunks = stats.get::<u64>("chunks-sent").unwrap();
+    assert!(chunks > 0, "{stats}");
+    assert_eq!(chunks, stats.get::<u64>("total-chunks").unwrap(), "every chunk was sent: {stats}");
+    assert_eq!(stats.get::<u64>("bytes-sent").unwrap(), stats.get::<u64>("total-bytes").unwrap(), "{stats}");
+    assert_eq!(stats.get::<u64>("frames-received").unwrap(), frames, "{stats}");
 }
 
 #[test]
@@ -46,10 +98,19 @@ fn data_only_reports_every_frame() {
     let pipeline = launch(&format!(
         "filesrc location={} ! {}",
         clip.display(),
-        sink(&format!("workflow-spec-file={} data-output=rgb_color", workflow("blur-dominant-color.json").display()))
+        sink(&format!("name=upload workflow-spec-file={} data-output=rgb_color", workflow("blur-dominant-color.json").display()))
     ));
-    let outcome = run(&pipeline, JOB_LIMIT);
+    let upload = pipeline.by_name("upload").unwrap();
+    let mut stats = None;
+    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
+        if let gst::MessageView::Eos(_) = message.view() {
+            stats = Some(upload.property::<gst::Structure>("stats"));
+        }
+        false
+    });
     assert!(outcome.eos, "{outcome:?}");
+    check_messages(&outcome, 60);
+    check_sink_stats(&stats.expect("stats at EOS"), 60);
     let messages = outcome.named("roboflow-inference");
     assert_eq!(messages.len(), 60);
     for (index, message) in messages.iter().enumerate() {
@@ -59,60 +120,142 @@ fn data_only_reports_every_frame() {
     }
 }
 
-fn returned_frames(transport: &str, frames: u32) -> (usize, usize) {
+/// One buffer of the returned video.
+#[derive(Debug)]
+struct Returned {
+    pts: Option<gst::ClockTime>,
+    /// frame-id of its RoboflowInferenceMeta.
+    frame_id: Option<u64>,
+}
+
+/// What a job with a roboflowresultsrc saw.
+struct ReturnedJob {
+    outcome: Outcome,
+    frames: Vec<Returned>,
+    caps: Option<gst::Caps>,
+    sink_stats: gst::Structure,
+    source_stats: gst::Structure,
+}
+
+fn returned_frames(transport: &str, frames: u32) -> ReturnedJob {
     init();
     let dir = tempfile::tempdir().unwrap();
     let clip = clip(dir.path(), frames);
-    let output = dir.path().join("out.mp4");
     let session = format!("real-{transport}");
     let pipeline = launch(&format!(
-        "filesrc location={} ! {}  roboflowresultsrc session={session} ! videoconvert ! x264enc speed-preset=ultrafast ! mp4mux ! filesink location={}",
+        "filesrc location={} ! {}  roboflowresultsrc name=results session={session} ! videoconvert ! appsink name=out sync=false",
         clip.display(),
         sink(&format!(
-            "session={session} video-transport={transport} workflow-spec-file={} stream-output=blurred data-output=rgb_color",
+            "name=upload session={session} video-transport={transport} workflow-spec-file={} stream-output=blurred data-output=rgb_color",
             workflow("blur-dominant-color.json").display()
         )),
-        output.display()
     ));
-    let outcome = run(&pipeline, JOB_LIMIT);
-    assert!(outcome.eos, "{outcome:?}");
-    (count_video_frames(&output), outcome.named("roboflow-inference").len())
-}
-
-/// Frames in an MP4, counted by demuxing it.
-fn count_video_frames(path: &Path) -> usize {
-    let pipeline = launch(&format!("filesrc location={} ! qtdemux ! appsink name=out sync=false", path.display()));
+    let returned = Arc::new(Mutex::new((Vec::new(), None::<gst::Caps>)));
     let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
-    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = counter.clone();
+    let sink_returned = returned.clone();
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |sink| {
-                let _ = sink.pull_sample();
-                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let frame_id = gst::meta::CustomMeta::from_buffer(buffer, gstroboflow::META_NAME)
+                    .ok()
+                    .and_then(|meta| meta.structure().get::<u64>("frame-id").ok());
+                let mut returned = sink_returned.lock().unwrap();
+                returned.0.push(Returned { pts: buffer.pts(), frame_id });
+                if returned.1.is_none() {
+                    returned.1 = sample.caps().map(|caps| caps.to_owned());
+                }
                 Ok(gst::FlowSuccess::Ok)
             })
             .build(),
     );
-    let outcome = run(&pipeline, Duration::from_secs(60));
+    let upload = pipeline.by_name("upload").unwrap();
+    let results = pipeline.by_name("results").unwrap();
+    let mut stats = None;
+    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
+        if let gst::MessageView::Eos(_) = message.view() {
+            stats = Some((upload.property::<gst::Structure>("stats"), results.property::<gst::Structure>("stats")));
+        }
+        false
+    });
     assert!(outcome.eos, "{outcome:?}");
-    counter.load(std::sync::atomic::Ordering::Relaxed)
+    let (sink_stats, source_stats) = stats.expect("stats at EOS");
+    let (frames, caps) = std::mem::take(&mut *returned.lock().unwrap());
+    ReturnedJob { outcome, frames, caps, sink_stats, source_stats }
+}
+
+/// Checks what every transport promises: the messages, the caps, each
+/// buffer's pts and meta, and the stats.
+fn check_returned(job: &ReturnedJob, frames: u64) {
+    check_messages(&job.outcome, frames);
+    check_sink_stats(&job.sink_stats, frames);
+
+    let caps = job.caps.as_ref().expect("the returned video has caps");
+    let structure = caps.structure(0).unwrap();
+    assert_eq!(structure.name(), "video/x-raw", "{caps}");
+    assert_eq!(structure.get::<i32>("width").unwrap(), WIDTH, "{caps}");
+    assert_eq!(structure.get::<i32>("height").unwrap(), HEIGHT, "{caps}");
+
+    let posted = message_pts(&job.outcome);
+    for (index, frame) in job.frames.iter().enumerate() {
+        let pts = frame.pts.unwrap_or_else(|| panic!("buffer {index} has no pts")).nseconds();
+        let frame_id = frame.frame_id.unwrap_or_else(|| panic!("buffer {index} at {pts} ns has no RoboflowInferenceMeta"));
+        let expected = clip_pts_ns(frame_id);
+        assert!(pts.abs_diff(expected) <= PTS_TOLERANCE_NS, "buffer {index} (frame {frame_id}): pts {pts} ns, expected {expected} ns");
+        // The bus message of the same pts names the same frame.
+        let (message_id, message_pts) = posted
+            .iter()
+            .min_by_key(|(_, message_pts)| message_pts.abs_diff(pts))
+            .copied()
+            .unwrap();
+        assert!(message_pts.abs_diff(pts) <= PTS_TOLERANCE_NS, "buffer {index} at {pts} ns: no message at that pts");
+        assert_eq!(frame_id, message_id, "buffer {index} at {pts} ns: its meta and the message of that pts disagree");
+    }
+    let pts: Vec<u64> = job.frames.iter().map(|f| f.pts.unwrap().nseconds()).collect();
+    assert!(pts.windows(2).all(|w| w[0] < w[1]), "buffer pts increase: {pts:?}");
+
+    let stats = &job.source_stats;
+    assert_eq!(stats.get::<u64>("frames-received").unwrap(), frames, "{stats}");
+    assert_eq!(stats.get::<u64>("frames-pushed").unwrap(), job.frames.len() as u64, "{stats}");
+}
+
+/// README: "caps carry the frame rate".
+fn check_frame_rate(job: &ReturnedJob) {
+    let caps = job.caps.as_ref().unwrap();
+    let framerate = caps.structure(0).unwrap().get::<gst::Fraction>("framerate").unwrap();
+    assert_eq!(framerate, gst::Fraction::new(FPS as i32, 1), "{caps}");
 }
 
 #[test]
 #[ignore = "needs the real server: run scripts/test.sh"]
 fn datachannel_frames_return_every_frame() {
-    let (video, messages) = returned_frames("datachannel", 60);
-    assert_eq!(video, 60);
-    assert_eq!(messages, 60);
+    let job = returned_frames("datachannel", 60);
+    check_returned(&job, 60);
+    assert_eq!(job.frames.len(), 60);
+    let ids: Vec<Option<u64>> = job.frames.iter().map(|f| f.frame_id).collect();
+    assert_eq!(ids, (1..=60).map(Some).collect::<Vec<_>>(), "every frame, in order, with its own result");
+    assert_eq!(job.source_stats.get::<u64>("frames-dropped").unwrap(), 0);
+    check_frame_rate(&job);
 }
 
 #[test]
 #[ignore = "needs the real server: run scripts/test.sh"]
 fn track_returns_most_frames_and_every_result() {
-    let (video, messages) = returned_frames("track", 60);
-    assert_eq!(messages, 60, "every JSON result arrives");
+    let job = returned_frames("track", 60);
+    check_returned(&job, 60);
+    let video = job.frames.len();
     assert!(video >= 57, "track transport returned {video} of 60 frames (< 95 %)");
+    assert_eq!(job.source_stats.get::<u64>("frames-paired").unwrap(), video as u64, "{}", job.source_stats);
+    assert_eq!(job.source_stats.get::<u64>("frames-unpaired").unwrap(), 0, "{}", job.source_stats);
+}
+
+#[test]
+#[ignore = "needs the real server, and a src fix: in track transport the caps say framerate=0/1 \
+            (the RTP caps of the frame source carry no frame rate), where README promises the frame rate"]
+fn track_caps_carry_the_frame_rate() {
+    let job = returned_frames("track", 30);
+    check_frame_rate(&job);
 }
 
 #[test]
@@ -124,16 +267,18 @@ fn encoder_pipeline_is_spooled_and_processed() {
         sink(&format!("name=upload workflow-spec-file={}", workflow("dominant-color.json").display()))
     ));
     let upload = pipeline.by_name("upload").unwrap();
-    let mut mode = None;
+    let mut stats = None;
     let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
         if let gst::MessageView::Eos(_) = message.view() {
-            mode = upload.property::<gst::Structure>("stats").get::<String>("upload-mode").ok();
+            stats = Some(upload.property::<gst::Structure>("stats"));
         }
         false
     });
     assert!(outcome.eos, "{outcome:?}");
-    assert_eq!(mode.as_deref(), Some("spooled"));
-    assert_eq!(outcome.named("roboflow-inference").len(), 45);
+    let stats = stats.expect("stats at EOS");
+    assert_eq!(stats.get::<String>("upload-mode").ok().as_deref(), Some("spooled"), "{stats}");
+    check_sink_stats(&stats, 45);
+    check_messages(&outcome, 45);
 }
 
 #[test]

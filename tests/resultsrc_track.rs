@@ -58,12 +58,25 @@ fn check_all_paired(received: &Received, frames: usize, stats: &gst::Structure) 
     assert_eq!(stats.get::<u64>("frames-unpaired").unwrap(), 0);
 }
 
-fn one_pipeline(codec: TrackCodec, expected_codec: &str) {
+/// The worker's default: its JSON leads its RTP by 5 ms, as the server's
+/// encoder takes that long.
+fn with_encode_latency() -> WorkerConfig {
+    WorkerConfig::default()
+}
+
+/// A frame's RTP may overtake its JSON (the race the server's encoder
+/// latency normally hides).
+fn without_encode_latency() -> WorkerConfig {
+    WorkerConfig { track_encode_latency: Duration::ZERO, ..Default::default() }
+}
+
+fn one_pipeline(codec: TrackCodec, expected_codec: &str, config: WorkerConfig) {
     init();
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
-    let worker = TestWorker::start(WorkerConfig { track_codec: codec, ..Default::default() });
-    let session = format!("track-{expected_codec}");
+    let latency = config.track_encode_latency;
+    let worker = TestWorker::start(WorkerConfig { track_codec: codec, ..config });
+    let session = format!("track-{expected_codec}-{}", latency.as_millis());
     let pipeline = launch(&format!(
         "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
          roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
@@ -84,26 +97,45 @@ fn one_pipeline(codec: TrackCodec, expected_codec: &str) {
 
 #[test]
 fn vp8_track_in_one_pipeline() {
-    one_pipeline(TrackCodec::Vp8, "video/VP8");
+    one_pipeline(TrackCodec::Vp8, "video/VP8", with_encode_latency());
 }
 
 #[test]
 fn h264_track_in_one_pipeline() {
-    one_pipeline(TrackCodec::H264, "video/H264");
+    one_pipeline(TrackCodec::H264, "video/H264", with_encode_latency());
+}
+
+#[test]
+fn vp8_track_in_one_pipeline_without_encode_latency() {
+    one_pipeline(TrackCodec::Vp8, "video/VP8", without_encode_latency());
+}
+
+#[test]
+fn h264_track_in_one_pipeline_without_encode_latency() {
+    one_pipeline(TrackCodec::H264, "video/H264", without_encode_latency());
 }
 
 #[test]
 fn track_across_two_pipelines() {
+    across_two_pipelines(with_encode_latency(), "track-two");
+}
+
+#[test]
+fn track_across_two_pipelines_without_encode_latency() {
+    across_two_pipelines(without_encode_latency(), "track-two-0");
+}
+
+fn across_two_pipelines(config: WorkerConfig, session: &str) {
     init();
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 24, 320, 240);
-    let worker = TestWorker::start(WorkerConfig::default());
+    let worker = TestWorker::start(config);
     let upload = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session=track-two {SINK_TAIL} {}",
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}",
         clip.display(),
         sink_properties(&worker.url())
     ));
-    let source = launch(&format!("roboflowresultsrc name=results session=track-two {SOURCE_TAIL}"));
+    let source = launch(&format!("roboflowresultsrc name=results session={session} {SOURCE_TAIL}"));
     let received = collect(&source.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
     // The sink starts first this time; the source attaches before its upload ends.
     let upload_thread = std::thread::spawn(move || run(&upload, Duration::from_secs(90)));
@@ -117,6 +149,15 @@ fn track_across_two_pipelines() {
 
 #[test]
 fn frames_the_codec_never_sends_are_counted_not_guessed() {
+    codec_gaps(with_encode_latency(), "track-gaps");
+}
+
+#[test]
+fn frames_the_codec_never_sends_are_counted_not_guessed_without_encode_latency() {
+    codec_gaps(without_encode_latency(), "track-gaps-0");
+}
+
+fn codec_gaps(config: WorkerConfig, session: &str) {
     init();
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
@@ -124,11 +165,11 @@ fn frames_the_codec_never_sends_are_counted_not_guessed() {
     let worker = TestWorker::start(WorkerConfig {
         track_drop_every: Some(3),
         track_rtp_origin: Some(u32::MAX - 45_000),
-        ..Default::default()
+        ..config
     });
     let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session=track-gaps {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session=track-gaps {SOURCE_TAIL}",
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
         clip.display(),
         sink_properties(&worker.url())
     ));

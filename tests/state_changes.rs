@@ -67,17 +67,29 @@ fn a_render_waiting_for_the_server_leaves_the_preroll_lock_free() {
     assert_eq!(outcome.named("roboflow-inference").len(), 5);
 }
 
-/// Plays until `ready`, pauses for a while, plays again: the job completes
+/// What a pause looked like from the server.
+struct Paused {
+    keepalives_at_pause: u32,
+    keepalives_at_resume: u32,
+    /// The worker held the whole upload when the pipeline resumed.
+    upload_complete_at_resume: bool,
+}
+
+/// Plays until `ready`, pauses for `pause`, plays again: the job completes
 /// as if never paused (the upload byte-exact, every frame reported).
-fn pause_and_resume(worker: WorkerConfig, ready: impl Fn(&gst::Message) -> bool) {
+fn pause_and_resume(
+    worker: WorkerConfig,
+    clip: &std::path::Path,
+    frames: usize,
+    extra: &str,
+    pause: Duration,
+    ready: impl Fn(&gst::Message) -> bool,
+) -> Paused {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let frames = 30;
-    let clip = make_clip(&dir.path().join("clip.mp4"), frames, 320, 240);
-    let sha = sha256_file(&clip);
+    let sha = sha256_file(clip);
     let worker = TestWorker::start(worker);
     let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink name=sink buffer-limit=65536 {}",
+        "filesrc location={} ! roboflowuploadsink name=sink buffer-limit=65536 {} {extra}",
         clip.display(),
         sink_properties(&worker.url())
     ));
@@ -101,33 +113,75 @@ fn pause_and_resume(worker: WorkerConfig, ready: impl Fn(&gst::Message) -> bool)
     assert!(reached, "the phase to pause in was never reached");
 
     assert_ne!(pipeline.set_state(gst::State::Paused), Err(gst::StateChangeError));
-    std::thread::sleep(Duration::from_millis(700));
+    let keepalives = || worker.sessions().first().map_or(0, |s| s.keepalives_received);
+    let keepalives_at_pause = keepalives();
+    std::thread::sleep(pause);
+    let keepalives_at_resume = keepalives();
+    let upload_complete_at_resume = worker.sessions().first().is_some_and(|s| s.upload_complete);
     let outcome = run(&pipeline, Duration::from_secs(60));
-    assert!(outcome.eos, "no EOS after resuming: {:?}", outcome.error);
+    assert!(outcome.eos, "no EOS after a pause of {pause:?}: {:?}", outcome.error);
     assert_eq!(
         messages_before + outcome.named("roboflow-inference").len(),
-        frames as usize,
+        frames,
         "one message per frame, across the pause"
     );
     let sessions = worker.wait_for_sessions(1, Duration::from_secs(5));
     assert_eq!(sessions[0].upload_sha256.as_deref(), Some(sha.as_str()), "the upload is byte-exact");
+    Paused { keepalives_at_pause, keepalives_at_resume, upload_complete_at_resume }
+}
+
+/// Keepalives every 500 ms; stall-timeout (1.5 s) shorter than the pause
+/// (2.5 s): a pause is not a stall.
+const PAUSE: Duration = Duration::from_millis(2500);
+const PAUSE_PROPERTIES: &str = "keepalive-interval=500 stall-timeout=1500";
+
+/// About 1 MB (snow at a high bitrate): about 20 chunks, 2 s at 100 ms each.
+fn noisy_clip(dir: &std::path::Path, frames: u32) -> std::path::PathBuf {
+    let path = dir.join("noisy.mp4");
+    let maker = launch(&format!(
+        "videotestsrc num-buffers={frames} pattern=snow ! video/x-raw,width=320,height=240,framerate=30/1 \
+         ! x264enc speed-preset=ultrafast bitrate=8000 ! mp4mux ! filesink location={}",
+        path.display()
+    ));
+    let outcome = run(&maker, Duration::from_secs(60));
+    assert!(outcome.eos, "making the clip failed: {:?}", outcome.error);
+    path
 }
 
 #[test]
 fn a_pause_mid_upload_resumes_the_upload() {
-    pause_and_resume(
+    let dir = tempfile::tempdir().unwrap();
+    init();
+    let clip = noisy_clip(dir.path(), 30);
+    let paused = pause_and_resume(
         WorkerConfig { upload_read_delay: Some(Duration::from_millis(100)), ..Default::default() },
+        &clip,
+        30,
+        PAUSE_PROPERTIES,
+        PAUSE,
         |message| {
             message.structure().is_some_and(|s| {
-                s.name() == "roboflow-upload-progress" && s.get::<u64>("uploaded-chunks").unwrap_or(0) >= 1
+                s.name() == "roboflow-upload-progress" && s.get::<u64>("uploaded-chunks").unwrap_or(0) >= 2
             })
         },
+    );
+    assert!(!paused.upload_complete_at_resume, "the pause came before the end of the upload");
+    // About five in 2.5 s; at least three, whatever the scheduling.
+    let during = paused.keepalives_at_resume - paused.keepalives_at_pause;
+    assert!(
+        during >= 3,
+        "keepalives go on while the upload is paused: {during} in {PAUSE:?} (from {} to {})",
+        paused.keepalives_at_pause,
+        paused.keepalives_at_resume
     );
 }
 
 #[test]
 fn a_pause_while_results_arrive_resumes_the_results() {
-    pause_and_resume(WorkerConfig::default(), |message| {
+    let dir = tempfile::tempdir().unwrap();
+    init();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    pause_and_resume(WorkerConfig::default(), &clip, 30, PAUSE_PROPERTIES, PAUSE, |message| {
         message.structure().is_some_and(|s| s.name() == "roboflow-inference")
     });
 }

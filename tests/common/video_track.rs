@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use gst::prelude::*;
+use gst_video::prelude::*;
 use rtc::rtp::Packet;
 use rtc::shared::marshal::Unmarshal;
 
@@ -226,6 +227,46 @@ pub fn inverted_frame(sample: &gst::Sample) -> Result<gst::Sample, String> {
         .buffer(&copy)
         .caps(&caps.to_owned())
         .build())
+}
+
+/// Rows at the top of a returned image that [`stamp_frame`] paints: two
+/// 16-pixel macroblock rows, flat, so that the codec keeps their level.
+pub const STAMP_ROWS: usize = 32;
+/// Levels are this far apart, several times the codec's error on a flat band.
+const STAMP_STEP: u32 = 7;
+/// Frame ids repeat their level with this period.
+const STAMP_PERIOD: u32 = 32;
+
+/// The grey level that stands for `frame_id` (16..=233).
+pub fn stamp_level(frame_id: u32) -> u8 {
+    (16 + STAMP_STEP * (frame_id % STAMP_PERIOD)) as u8
+}
+
+/// The frame id (modulo 32) a measured band level stands for.
+pub fn frame_id_from_stamp(level: f64) -> u32 {
+    let steps = ((level - 16.0) / f64::from(STAMP_STEP)).round().max(0.0) as u32;
+    steps % STAMP_PERIOD
+}
+
+/// `image` with its top [`STAMP_ROWS`] rows set to `level` in every byte
+/// (grey in any RGB-like packed format).
+pub fn stamp_frame(image: &gst::Sample, level: u8) -> Result<gst::Sample, String> {
+    let caps = image.caps().ok_or("image without caps")?;
+    let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| format!("image caps: {e}"))?;
+    let mut buffer = image.buffer_owned().ok_or("image without buffer")?;
+    {
+        let buffer = buffer.make_mut();
+        let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(buffer, &info)
+            .map_err(|_| "mapping the image to stamp it".to_owned())?;
+        let stride = frame.plane_stride()[0] as usize;
+        let row_bytes = info.width() as usize * info.format_info().pixel_stride()[0] as usize;
+        let rows = STAMP_ROWS.min(info.height() as usize);
+        let data = frame.plane_data_mut(0).map_err(|e| e.to_string())?;
+        for row in 0..rows {
+            data[row * stride..row * stride + row_bytes].fill(level);
+        }
+    }
+    Ok(gst::Sample::builder().buffer(&buffer).caps(&caps.to_owned()).build())
 }
 
 /// `appsrc ! videoconvert ! <encoder> ! <payloader> ! appsink`. Both encoders

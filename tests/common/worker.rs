@@ -19,6 +19,11 @@
 //! Each frame's JSON is sent first, then the frame (inverted, see
 //! [`inverted_frame`]) is encoded and its RTP packets are written with the
 //! timestamp origin + pts at 90 kHz.
+//!
+//! [`WorkerConfig`] holds two kinds of deviation from the plain case: knobs
+//! for things the real server does too (results spanning chunks, per-frame
+//! `errors`, realtime drops, another time base, a lost first track frame),
+//! and [`Fault`]s, which a correct server never does.
 
 #![allow(dead_code)]
 
@@ -66,10 +71,11 @@ use webrtc::runtime::{
     TokioRuntime, Transmit,
 };
 
-pub use super::video_track::TrackCodec;
+#[allow(unused_imports)]
+pub use super::video_track::{STAMP_ROWS, TrackCodec, frame_id_from_stamp, stamp_level};
 use super::video_track::{
-    OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame, ns_to_90k,
-    offered_video_codecs, random_u32,
+    OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame,
+    offered_video_codecs, random_u32, stamp_frame,
 };
 
 // ---------------------------------------------------------------------------
@@ -107,6 +113,36 @@ pub struct WorkerConfig {
     /// unpaired per session (their RTP won); with 5 ms, none in 12 sessions.
     /// Zero is the way to test that race.
     pub track_encode_latency: Duration,
+    /// Pads every frame's result with a `padding` text of this many bytes
+    /// inside `serialized_output_data` (an object holding only it when the
+    /// result would have none), so that results cross 48 KiB chunk
+    /// boundaries (§5). The text is [`padding_text`] of the frame id, so a
+    /// test can check that it arrived whole; it is base64-alphabet noise,
+    /// which gzip (data outputs requested) shrinks to about 3/4. 0: none.
+    pub result_padding: usize,
+    /// Per-frame workflow errors (§5 `errors`): every frame whose id is a
+    /// multiple of N carries `[text]`, the others `[]`, as the server
+    /// reports a block that fails on some frames only.
+    pub frame_errors: Option<(u32, String)>,
+    /// Realtime processing (`webrtc_realtime_processing` true) only: every
+    /// Nth decoded frame is skipped, as the server drops the frames that
+    /// arrive while it is busy. A skipped frame is never processed: no
+    /// result, no RTP, and `frame_id` (the server's count of processed
+    /// frames) stays contiguous while `pts` keeps the gap.
+    pub realtime_drop_every: Option<u32>,
+    /// `video_metadata.time_base` as (num, den) seconds per pts unit; `pts`
+    /// is the frame's time in those units, rounded (PyAV reports the
+    /// stream's own time base, e.g. 1/15360 for FFmpeg's MP4s). The track's
+    /// RTP timestamps are converted from that pts, as aiortc does.
+    pub time_base: (u32, u32),
+    /// Track transport: frame 1's JSON is sent but the frame never reaches
+    /// the encoder, like aiortc's encoder dropping the first frame; the
+    /// track starts with frame 2 (a keyframe).
+    pub track_lose_first_frame: bool,
+    /// Track transport: paints the top [`STAMP_ROWS`] rows of each returned
+    /// image with [`stamp_level`] of its frame id, so a test can tell which
+    /// frame a decoded picture is, whatever the plugin paired it with.
+    pub track_stamp_frame_id: bool,
 }
 
 impl Default for WorkerConfig {
@@ -120,6 +156,12 @@ impl Default for WorkerConfig {
             track_drop_every: None,
             track_rtp_origin: None,
             track_encode_latency: DEFAULT_TRACK_ENCODE_LATENCY,
+            result_padding: 0,
+            frame_errors: None,
+            realtime_drop_every: None,
+            time_base: (1, PTS_CLOCK_RATE as u32),
+            track_lose_first_frame: false,
+            track_stamp_frame_id: false,
         }
     }
 }
@@ -217,6 +259,33 @@ pub struct SessionReport {
     pub track_frames_dropped: u32,
     /// Encoder or write failures; the session goes on without that frame's RTP.
     pub track_errors: Vec<String>,
+    /// Every frame result sent (not `processing_complete`), in sending order.
+    pub results: Vec<SentResult>,
+    /// Decoded frames skipped by `realtime_drop_every`.
+    pub realtime_frames_dropped: u32,
+    /// Frame ids whose RTP was written completely, in order.
+    pub track_frame_ids: Vec<u32>,
+}
+
+/// One frame result as the worker sent it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SentResult {
+    pub frame_id: u32,
+    /// In units of `time_base`.
+    pub pts: u64,
+    /// `time_base` as (num, den).
+    pub time_base: (u32, u32),
+    /// Chunk messages the result took.
+    pub chunks: u32,
+    pub errors: Vec<String>,
+}
+
+impl SentResult {
+    /// pts × time_base, in ns, rounded.
+    pub fn pts_ns(&self) -> u64 {
+        let (num, den) = self.time_base;
+        ((u128::from(self.pts) * u128::from(num) * 1_000_000_000 + u128::from(den) / 2) / u128::from(den)) as u64
+    }
 }
 
 /// One POST to `/initialise_webrtc_worker`, whatever its outcome.
@@ -1206,6 +1275,7 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
     }
 
     let mut last_frame_id = 0u32;
+    let mut decoded = 0u32;
     let mut encoder: Option<RtpEncoder> = None;
     loop {
         let frame = tokio::select! {
@@ -1213,9 +1283,19 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
             _ = session.until_ended() => return,
         };
         let Some(mut frame) = frame else { break };
+        decoded += 1;
+        session.update(|report| report.frames_decoded += 1);
+        let skipped = session.realtime
+            && session
+                .config
+                .realtime_drop_every
+                .is_some_and(|n| n > 0 && decoded.is_multiple_of(n));
+        if skipped {
+            session.update(|report| report.realtime_frames_dropped += 1);
+            continue;
+        }
         let frame_id = last_frame_id + 1;
         last_frame_id = frame_id;
-        session.update(|report| report.frames_decoded += 1);
         if !wait_for_ack_window(&session, frame_id).await {
             return;
         }
@@ -1223,12 +1303,15 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
             continue;
         };
         let outputs = session.outputs.lock().unwrap().clone();
-        let messages = frame_messages(&session, &outputs, frame_id, &frame);
+        let (messages, sent) = frame_messages(&session, &outputs, frame_id, &frame);
         if !send_all(&control, messages).await {
             session.end();
             return;
         }
-        session.update(|report| report.results_sent += 1);
+        session.update(|report| {
+            report.results_sent += 1;
+            report.results.push(sent);
+        });
         if let Some(track) = &session.track {
             send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
         }
@@ -1317,16 +1400,33 @@ async fn wait_drained(channel: &Arc<dyn DataChannel>) {
     }
 }
 
-fn video_metadata(frame_id: u32, frame: &DecodedFrame, declared_fps: Option<f64>) -> Value {
+/// `ns` in units of `time_base` (num/den seconds), rounded to nearest.
+fn ns_to_units(ns: u64, (num, den): (u32, u32)) -> u64 {
+    let divisor = u128::from(num.max(1)) * 1_000_000_000;
+    ((u128::from(ns) * u128::from(den) + divisor / 2) / divisor) as u64
+}
+
+/// A pts in `time_base` units as 90 kHz ticks, rounded (aiortc converts
+/// the frame's pts and time base the same way).
+fn units_to_90k(units: u64, (num, den): (u32, u32)) -> u64 {
+    let den = u128::from(den.max(1));
+    ((u128::from(units) * u128::from(num) * u128::from(VIDEO_CLOCK_RATE) + den / 2) / den) as u64
+}
+
+/// The frame's pts in the session's time base units.
+fn frame_pts(session: &Session, frame: &DecodedFrame) -> u64 {
+    ns_to_units(frame.pts_ns.unwrap_or(0), session.config.time_base)
+}
+
+fn video_metadata(session: &Session, frame_id: u32, frame: &DecodedFrame) -> Value {
     let fps = frame.fps.unwrap_or(30.0);
-    // The same conversion as the track's RTP timestamps (§6).
-    let pts = frame.pts_ns.map(ns_to_90k).unwrap_or(0);
+    let (num, den) = session.config.time_base;
     json!({
         "frame_id": frame_id,
         "received_at": iso_time_now(),
-        "pts": pts,
-        "time_base": 1.0 / PTS_CLOCK_RATE as f64,
-        "declared_fps": declared_fps.unwrap_or(fps),
+        "pts": frame_pts(session, frame),
+        "time_base": f64::from(num) / f64::from(den.max(1)),
+        "declared_fps": session.declared_fps.unwrap_or(fps),
         "measured_fps": fps,
         "width": frame.width,
         "height": frame.height,
@@ -1370,19 +1470,31 @@ enum HeaderFault {
     Changing,
 }
 
-/// The chunk messages of one frame's result, with first-frame faults applied.
+/// The chunk messages of one frame's result, with first-frame faults
+/// applied, and what was sent.
 fn frame_messages(
     session: &Session,
     outputs: &Outputs,
     frame_id: u32,
     frame: &DecodedFrame,
-) -> Vec<BytesMut> {
+) -> (Vec<BytesMut>, SentResult) {
     let config = &session.config;
-    let metadata = video_metadata(frame_id, frame, session.declared_fps);
+    let metadata = video_metadata(session, frame_id, frame);
+    let errors: Vec<String> = match &config.frame_errors {
+        Some((every, text)) if *every > 0 && frame_id.is_multiple_of(*every) => vec![text.clone()],
+        _ => Vec::new(),
+    };
+    let mut data = serialized_output_data(outputs, frame, &metadata);
+    if config.result_padding > 0 {
+        if !data.is_object() {
+            data = json!({});
+        }
+        data["padding"] = Value::String(padding_text(frame_id, config.result_padding));
+    }
     let result = json!({
-        "serialized_output_data": serialized_output_data(outputs, frame, &metadata),
+        "serialized_output_data": data,
         "video_metadata": metadata,
-        "errors": [],
+        "errors": errors,
         "processing_complete": false,
         "termination_reason": null,
     });
@@ -1416,7 +1528,15 @@ fn frame_messages(
     } else {
         None
     };
-    split_result(frame_id, &payload, config.result_chunk_size, header_fault)
+    let messages = split_result(frame_id, &payload, config.result_chunk_size, header_fault);
+    let sent = SentResult {
+        frame_id,
+        pts: frame_pts(session, frame),
+        time_base: config.time_base,
+        chunks: messages.len() as u32,
+        errors,
+    };
+    (messages, sent)
 }
 
 fn encode_payload(json_bytes: Vec<u8>, gzipped: bool, level: Compression) -> Vec<u8> {
@@ -1432,18 +1552,28 @@ fn encode_payload(json_bytes: Vec<u8>, gzipped: bool, level: Compression) -> Vec
 fn padded_json(mut result: Value, size: usize) -> Vec<u8> {
     result["padding"] = Value::String(String::new());
     let base = result.to_string().len();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
+    result["padding"] = Value::String(noise_text(0, size.saturating_sub(base)));
+    result.to_string().into_bytes()
+}
+
+/// The `padding` text of frame `frame_id`'s result under `result_padding`:
+/// `len` bytes, different for every frame.
+pub fn padding_text(frame_id: u32, len: usize) -> String {
+    noise_text(u64::from(frame_id), len)
+}
+
+/// Base64-alphabet noise (xorshift64), 6 bits of entropy per byte.
+fn noise_text(seed: u64, len: usize) -> String {
+    let mut state = 0x2545_f491_4f6c_dd1du64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let padding: String = (0..size.saturating_sub(base))
+    (0..len)
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             alphabet[(state % 64) as usize] as char
         })
-        .collect();
-    result["padding"] = Value::String(padding);
-    result.to_string().into_bytes()
+        .collect()
 }
 
 /// Splits a payload into `[frame_id][chunk_index][total_chunks]` + at most `chunk_size` bytes.
@@ -1510,10 +1640,11 @@ struct OutgoingTrack {
 }
 
 impl OutgoingTrack {
-    /// origin + pts at 90 kHz, mod 2^32 (§6); the same pts the frame's JSON reports.
-    fn rtp_timestamp(&self, pts_ns: Option<u64>) -> u32 {
+    /// origin + pts at 90 kHz, mod 2^32 (§6), from the pts (in `time_base`
+    /// units) the frame's JSON reports.
+    fn rtp_timestamp(&self, pts: u64, time_base: (u32, u32)) -> u32 {
         self.origin
-            .wrapping_add(ns_to_90k(pts_ns.unwrap_or(0)) as u32)
+            .wrapping_add(units_to_90k(pts, time_base) as u32)
     }
 }
 
@@ -1607,19 +1738,24 @@ async fn send_track_frame(
         return;
     };
     let first_packet_at = tokio::time::Instant::now() + session.config.track_encode_latency;
-    if session
-        .config
+    let config = &session.config;
+    let dropped = config
         .track_drop_every
-        .is_some_and(|n| n > 0 && frame_id.is_multiple_of(n))
-    {
+        .is_some_and(|n| n > 0 && frame_id.is_multiple_of(n));
+    if dropped || (config.track_lose_first_frame && frame_id == 1) {
         session.update(|report| report.track_frames_dropped += 1);
         return;
     }
     let (codec, payload_type) = (track.codec, track.payload_type);
+    let stamp = config.track_stamp_frame_id.then(|| stamp_level(frame_id));
     let idle = encoder.take();
     // The encoder comes back only after a clean frame: after a failure the
     // next frame starts a fresh one (new sequence numbers, a keyframe).
     let encoded = tokio::task::spawn_blocking(move || {
+        let image = match stamp {
+            Some(level) => stamp_frame(&image, level)?,
+            None => image,
+        };
         let mut encoder = match idle {
             Some(encoder) => encoder,
             None => RtpEncoder::new(codec, payload_type)?,
@@ -1637,7 +1773,7 @@ async fn send_track_frame(
         Err(err) => return track_error(session, frame_id, format!("encoder task: {err}")),
     };
     tokio::time::sleep_until(first_packet_at).await;
-    let timestamp = track.rtp_timestamp(frame.pts_ns);
+    let timestamp = track.rtp_timestamp(frame_pts(session, frame), config.time_base);
     for mut packet in packets {
         packet.header.timestamp = timestamp;
         packet.header.ssrc = track.ssrc;
@@ -1648,7 +1784,10 @@ async fn send_track_frame(
         match written {
             Ok(Ok(())) => session.update(|report| {
                 report.track_packets_sent += 1;
-                report.track_frames_sent += u32::from(end_of_frame);
+                if end_of_frame {
+                    report.track_frames_sent += 1;
+                    report.track_frame_ids.push(frame_id);
+                }
             }),
             Ok(Err(err)) => return track_error(session, frame_id, format!("write_rtp: {err}")),
             Err(_) => {
