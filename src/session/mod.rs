@@ -518,11 +518,11 @@ impl Session {
         gst::trace!(CAT, "session {}: keepalive echo, rtt {rtt:?}", self.name);
     }
 
-    /// The sink lets go. A finished session whose results a result source
-    /// is still reading stays open until that source lets go too (its last
-    /// video may still be in flight); any other session closes now.
+    /// The sink lets go after its upload. A session whose results a result
+    /// source is reading stays open until that source lets go too (its
+    /// results and video may still be in flight); any other session closes now.
     pub fn release_by_sink(&self) {
-        if self.phase() == Phase::Complete && self.has_result_source() {
+        if self.has_result_source() {
             self.release();
         } else {
             self.close();

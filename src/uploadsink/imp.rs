@@ -1,10 +1,20 @@
-// roboflowuploadsink: a BaseSink that uploads whatever bytes it receives
-// (a muxed video) to the server, then waits for every frame's result.
+// roboflowuploadsink: a sink element that uploads whatever bytes it
+// receives (a muxed video) to the server, then waits for every frame's
+// result.
 //
 // Streamed mode: upstream reports its size in bytes (filesrc does), so the
 // chunk count is known up front and chunks leave as buffers arrive.
 // Spooled mode: otherwise the bytes go to a temporary file, honouring BYTES
 // segments (muxers seek back to rewrite headers), and leave at EOS.
+//
+// A plain GstElement with its own chain, event and query functions, not a
+// GstBaseSink: GstBaseSink runs render() and serialized events under its
+// PREROLL_LOCK, which its state changes also take, so a render() waiting on
+// the server held the pipeline's change to PLAYING (and a roboflowresultsrc
+// of the same pipeline with it). Here only the pad's stream lock is held
+// while the streaming thread waits, and a state change takes it only to
+// stop, after cancelling every wait. The sink does not preroll: PAUSED holds
+// the job at its next chunk or result (see `Gate`) and PLAYING resumes it.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -13,15 +23,15 @@ use std::time::{Duration, Instant};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
-use gst_base::prelude::*;
-use gst_base::subclass::prelude::*;
+use tokio::sync::mpsc;
 
+use super::gate::Gate;
+use crate::bus::{PROGRESS_MESSAGE, inference_structure};
 use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
-use crate::bus::{PROGRESS_MESSAGE, inference_structure};
 use crate::protocol::upload::UploadFramer;
-use crate::runtime::{WaitError, Waits};
+use crate::runtime::WaitError;
 use crate::session::{self, FrameEvent, Session, SessionEvent, Upload, registry};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -36,10 +46,12 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Extra time granted to the connect wait beyond connect-timeout: the
 /// session enforces the real limit and explains which step was late.
 const CONNECT_GRACE: Duration = Duration::from_secs(5);
+const EMPTY_INPUT: &str =
+    "the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)";
 
 /// Why an operation of the streaming thread stopped.
 enum Stop {
-    /// unlock() or a state change: not an error.
+    /// A flush or a state change to READY: not an error.
     Flushing,
     Error(gst::ErrorMessage),
 }
@@ -47,6 +59,12 @@ enum Stop {
 impl From<gst::ErrorMessage> for Stop {
     fn from(message: gst::ErrorMessage) -> Self {
         Stop::Error(message)
+    }
+}
+
+impl From<super::gate::Cancelled> for Stop {
+    fn from(_: super::gate::Cancelled) -> Self {
+        Stop::Flushing
     }
 }
 
@@ -90,41 +108,68 @@ struct Job {
     /// upstream will seek, so the bytes must be spooled.
     seeking_upstream: bool,
     progress: Progress,
+    /// The server has every chunk: the session may outlive the sink for a
+    /// roboflowresultsrc still reading the results.
+    uploaded: bool,
+    /// The results, once the sink took them (no roboflowresultsrc did);
+    /// kept here so that an EOS handled again after a flush goes on reading.
+    results: Option<mpsc::Receiver<SessionEvent>>,
+}
+
+/// How the job ended, as far as the streaming thread is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// An ERROR was posted: nothing else is reported for this job.
+    Failed,
+    /// The EOS message was posted.
+    Finished,
 }
 
 enum State {
     Stopped,
     /// `job` is None while the streaming thread holds it.
-    Started { job: Option<Box<Job>> },
+    Started { job: Option<Box<Job>>, end: Option<End> },
 }
 
 pub struct UploadSink {
+    sinkpad: gst::Pad,
     settings: Mutex<UploadSettings>,
     state: Mutex<State>,
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
     session: Mutex<Option<Arc<Session>>>,
-    waits: Waits,
+    gate: Gate,
     /// "undecided", "streamed" or "spooled", for `stats`.
     upload_mode: Mutex<&'static str>,
-}
-
-impl Default for UploadSink {
-    fn default() -> Self {
-        Self {
-            settings: Mutex::new(UploadSettings::default()),
-            state: Mutex::new(State::Stopped),
-            session: Mutex::new(None),
-            waits: Waits::default(),
-            upload_mode: Mutex::new("undecided"),
-        }
-    }
 }
 
 #[glib::object_subclass]
 impl ObjectSubclass for UploadSink {
     const NAME: &'static str = "GstRoboflowUploadSink";
     type Type = super::UploadSink;
-    type ParentType = gst_base::BaseSink;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let template = klass.pad_template("sink").expect("the sink pad template exists");
+        let sinkpad = gst::Pad::builder_from_template(&template)
+            .chain_function(|_pad, parent, buffer| {
+                UploadSink::catch_panic_pad_function(parent, || Err(gst::FlowError::Error), |sink| sink.chain(buffer))
+            })
+            .event_function(|pad, parent, event| {
+                UploadSink::catch_panic_pad_function(parent, || false, |sink| sink.sink_event(pad, event))
+            })
+            .query_function(|pad, parent, query| {
+                UploadSink::catch_panic_pad_function(parent, || false, |sink| sink.sink_query(pad, query))
+            })
+            .build();
+        Self {
+            sinkpad,
+            settings: Mutex::new(UploadSettings::default()),
+            state: Mutex::new(State::Stopped),
+            session: Mutex::new(None),
+            gate: Gate::default(),
+            upload_mode: Mutex::new("undecided"),
+        }
+    }
 }
 
 fn string_property(name: &str, nick: &str, blurb: &str, default: Option<&str>) -> glib::ParamSpec {
@@ -260,12 +305,10 @@ impl ObjectImpl for UploadSink {
 
     fn constructed(&self) {
         self.parent_constructed();
-        // A byte sink: rendering against the clock would only slow the upload.
-        self.obj().set_sync(false);
-        // Nothing to preroll: a pipeline that also holds roboflowresultsrc
-        // (a live source whose data only exists after the upload) must not
-        // wait for this sink's preroll to reach PLAYING.
-        self.obj().set_async(false);
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).expect("the sink pad is added once");
+        // A sink for the bins: they wait for its EOS message to end.
+        obj.set_element_flags(gst::ElementFlags::SINK);
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
@@ -385,9 +428,66 @@ impl ElementImpl for UploadSink {
         });
         TEMPLATES.as_ref()
     }
+
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        gst::debug!(CAT, imp = self, "state change {transition:?}");
+        match transition {
+            gst::StateChange::ReadyToPaused => {
+                if let Err(message) = self.start() {
+                    self.post_error_message(message);
+                    return Err(gst::StateChangeError);
+                }
+                // Before the pad activates: its first buffer may come at once.
+                self.gate.start();
+            }
+            gst::StateChange::PausedToPlaying => self.gate.set_playing(true),
+            gst::StateChange::PlayingToPaused => self.gate.set_playing(false),
+            // Every wait ends first, so that the pad's deactivation, which
+            // takes the stream lock, finds the streaming thread returning.
+            gst::StateChange::PausedToReady => self.gate.stop(),
+            _ => {}
+        }
+        let result = self.parent_change_state(transition);
+        match transition {
+            gst::StateChange::ReadyToPaused if result.is_err() => {
+                self.gate.stop();
+                self.stop();
+            }
+            gst::StateChange::PausedToReady => self.stop(),
+            _ => {}
+        }
+        result
+    }
+
+    fn query(&self, query: &mut gst::QueryRef) -> bool {
+        if Self::answer_latency(query) {
+            return true;
+        }
+        // Position, duration and the rest: asked of upstream, as a sink does.
+        self.parent_query(query)
+    }
+
+    fn send_event(&self, event: gst::Event) -> bool {
+        // A bin sends seeks and its latency to its sinks: they go upstream.
+        if event.is_upstream() {
+            return self.sinkpad.push_event(event);
+        }
+        self.parent_send_event(event)
+    }
 }
 
-impl BaseSinkImpl for UploadSink {
+/// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
+fn wait_soft<F: Future<Output = ()> + Send>(gate: &Gate, limit: Duration, future: F) -> Result<bool, Stop> {
+    match gate.run(Some(limit), future) {
+        Ok(()) => Ok(true),
+        Err(WaitError::Cancelled) => Err(Stop::Flushing),
+        Err(WaitError::TimedOut(_)) => Ok(false),
+    }
+}
+
+impl UploadSink {
+    /// READY->PAUSED: validates the settings and starts the session, which
+    /// connects in the background while upstream produces the bytes.
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
         let config = settings
@@ -413,36 +513,113 @@ impl BaseSinkImpl for UploadSink {
                 mode: Mode::Undecided,
                 seeking_upstream: false,
                 progress: Progress::default(),
+                uploaded: false,
+                results: None,
             })),
+            end: None,
         };
         Ok(())
     }
 
-    fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        *self.state.lock().unwrap() = State::Stopped;
+    /// PAUSED->READY, after the streaming thread returned: lets go of the
+    /// session and drops the job (deleting any spool file).
+    fn stop(&self) {
+        let job = match std::mem::replace(&mut *self.state.lock().unwrap(), State::Stopped) {
+            State::Started { job, .. } => job,
+            State::Stopped => None,
+        };
+        let uploaded = job.as_ref().is_some_and(|job| job.uploaded);
         if let Some(session) = self.session.lock().unwrap().as_ref() {
             registry::unregister(session);
-            session.release_by_sink();
+            if uploaded {
+                // A roboflowresultsrc may still be reading the results.
+                session.release_by_sink();
+            } else {
+                session.close();
+            }
             gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
         }
-        // Dropping the job deleted any spool file; a job the streaming
-        // thread still holds is dropped when it gives it back.
+        // Dropped after the session let go: an upload cut short must not
+        // look finished to it.
+        drop(job);
+    }
+
+    fn answer_latency(query: &mut gst::QueryRef) -> bool {
+        match query.view_mut() {
+            // Not live, no latency of its own: the sink does not sync.
+            gst::QueryViewMut::Latency(latency) => {
+                latency.set(false, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn sink_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        if Self::answer_latency(query) {
+            return true;
+        }
+        gst::Pad::query_default(pad, Some(&*self.obj()), query)
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::FlushStart(_) => {
+                self.gate.flush_start();
+                true
+            }
+            gst::EventView::FlushStop(_) => {
+                self.gate.flush_stop();
+                true
+            }
+            gst::EventView::Segment(segment) => match self.on_segment(segment.segment()) {
+                Ok(()) => true,
+                Err(message) => {
+                    self.fail(message);
+                    false
+                }
+            },
+            gst::EventView::Eos(eos) => self.on_eos(eos.seqnum()),
+            _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
+        }
+    }
+
+    /// Whether the job still takes data: Flushing when stopped or flushing,
+    /// Error (silently: the ERROR was posted) after a failure, Eos after EOS.
+    fn accepting(&self) -> Result<(), gst::FlowError> {
+        match &*self.state.lock().unwrap() {
+            State::Stopped => return Err(gst::FlowError::Flushing),
+            State::Started { end: Some(End::Failed), .. } => return Err(gst::FlowError::Error),
+            State::Started { end: Some(End::Finished), .. } => return Err(gst::FlowError::Eos),
+            State::Started { end: None, .. } => {}
+        }
+        if self.gate.is_cancelled() {
+            return Err(gst::FlowError::Flushing);
+        }
         Ok(())
     }
 
-    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.waits.unlock();
-        Ok(())
+    /// Posts `message` as the job's one ERROR; any later failure of the same
+    /// job is a consequence of the first and is not reported.
+    fn fail(&self, message: gst::ErrorMessage) {
+        let first = match &mut *self.state.lock().unwrap() {
+            State::Started { end: end @ None, .. } => {
+                *end = Some(End::Failed);
+                true
+            }
+            _ => false,
+        };
+        if first {
+            self.post_error_message(message);
+        } else {
+            gst::debug!(CAT, imp = self, "not reported, the job already ended: {message:?}");
+        }
     }
 
-    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.waits.unlock_stop();
-        Ok(())
-    }
-
-    fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+    fn chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        self.accepting()?;
         let map = buffer.map_readable().map_err(|_| {
-            gst::element_imp_error!(self, gst::ResourceError::Read, ("Failed to map the buffer"));
+            self.fail(gst::error_msg!(gst::ResourceError::Read, ("Failed to map the buffer")));
             gst::FlowError::Error
         })?;
         let outcome = match self.take_job() {
@@ -458,70 +635,41 @@ impl BaseSinkImpl for UploadSink {
             Ok(()) => Ok(gst::FlowSuccess::Ok),
             Err(Stop::Flushing) => Err(gst::FlowError::Flushing),
             Err(Stop::Error(message)) => {
-                self.post_error_message(message);
+                self.fail(message);
                 Err(gst::FlowError::Error)
             }
         }
     }
 
-    fn event(&self, event: gst::Event) -> bool {
-        match event.view() {
-            gst::EventView::Segment(segment) => {
-                if let Err(message) = self.on_segment(segment.segment()) {
-                    self.post_error_message(message);
-                    return false;
-                }
+    /// Completes the job and posts the EOS message, once.
+    fn on_eos(&self, seqnum: gst::Seqnum) -> bool {
+        if let Err(flow) = self.accepting() {
+            // After a failure upstream still sends EOS: its ERROR is posted.
+            gst::debug!(CAT, imp = self, "EOS dropped: {flow:?}");
+            return false;
+        }
+        match self.finish_job() {
+            Ok(()) => {}
+            Err(Stop::Flushing) => return false,
+            Err(Stop::Error(message)) => {
+                self.fail(message);
+                return false;
             }
-            gst::EventView::Eos(_) => match self.finish_job() {
-                Ok(()) => {}
-                Err(Stop::Flushing) => return false,
-                Err(Stop::Error(message)) => {
-                    self.post_error_message(message);
-                    return false;
-                }
-            },
-            _ => {}
         }
-        self.parent_event(event)
-    }
-}
-
-/// The PREROLL_LOCK of a GstBaseSink, released for as long as this lives.
-struct PrerollLockReleased(*mut glib::ffi::GMutex);
-
-impl PrerollLockReleased {
-    /// # Safety
-    /// The calling thread holds `sink`'s PREROLL_LOCK.
-    unsafe fn new(sink: &gst_base::BaseSink) -> Self {
-        // SAFETY: `sink` is a live GstBaseSink; its preroll_lock is a public
-        // field of the instance struct, locked by this thread (caller's
-        // contract).
-        unsafe {
-            let lock = &raw mut (*sink.as_ptr()).preroll_lock;
-            glib::ffi::g_mutex_unlock(lock);
-            Self(lock)
+        let first = match &mut *self.state.lock().unwrap() {
+            State::Started { end: end @ None, .. } => {
+                *end = Some(End::Finished);
+                true
+            }
+            _ => false,
+        };
+        if first {
+            gst::info!(CAT, imp = self, "the job is finished: posting EOS");
+            let _ = self.obj().post_message(gst::message::Eos::builder().src(&*self.obj()).seqnum(seqnum).build());
         }
+        true
     }
-}
 
-impl Drop for PrerollLockReleased {
-    fn drop(&mut self) {
-        // SAFETY: the lock was released by this thread in new() and the sink
-        // outlives the wait (the streaming thread holds a reference to it).
-        unsafe { glib::ffi::g_mutex_lock(self.0) };
-    }
-}
-
-/// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
-fn runtime_wait_soft<F: Future<Output = ()> + Send>(sink: &UploadSink, limit: Duration, make: impl FnMut() -> F) -> Result<bool, Stop> {
-    match sink.run_wait(Some(limit), make) {
-        Ok(()) => Ok(true),
-        Err(WaitError::Cancelled) => Err(Stop::Flushing),
-        Err(WaitError::TimedOut(_)) => Ok(false),
-    }
-}
-
-impl UploadSink {
     fn stats(&self) -> gst::Structure {
         match self.session.lock().unwrap().as_ref() {
             Some(session) => {
@@ -534,7 +682,7 @@ impl UploadSink {
 
     fn take_job(&self) -> Option<Box<Job>> {
         match &mut *self.state.lock().unwrap() {
-            State::Started { job } => job.take(),
+            State::Started { job, .. } => job.take(),
             State::Stopped => None,
         }
     }
@@ -542,7 +690,7 @@ impl UploadSink {
     /// Returns the job to the state, unless the element stopped meanwhile
     /// (then the job, and any spool file, is dropped here).
     fn give_back(&self, job: Box<Job>) {
-        if let State::Started { job: slot } = &mut *self.state.lock().unwrap() {
+        if let State::Started { job: slot, .. } = &mut *self.state.lock().unwrap() {
             *slot = Some(job);
         }
     }
@@ -554,82 +702,16 @@ impl UploadSink {
         }
     }
 
-    /// Every wait of the streaming thread: on the plugin runtime, with the
-    /// base class's PREROLL_LOCK released, ended by unlock().
-    ///
-    /// GstBaseSink calls render() and the serialized events with that lock
-    /// held, and its PAUSED->PLAYING change takes it. A first buffer that
-    /// arrives while that change is under way is rendered before the change
-    /// completes (the sink commits to PLAYING itself), so a long wait that
-    /// kept the lock held the change, and with it every element the pipeline
-    /// had not yet set to PLAYING: a roboflowresultsrc in the same pipeline
-    /// could not start, and the EOS wait for it ran into connect-timeout.
-    /// GstBaseSink releases the lock the same way around its clock waits.
-    ///
-    /// A pause (PLAYING->PAUSED unlocks us too) is not the end of the job:
-    /// the wait resumes, with a fresh future from `make`, once the pipeline
-    /// plays again; only a flush or a stop ends it.
-    fn run_wait<T: Send, F: Future<Output = T> + Send>(
-        &self,
-        timeout: Option<Duration>,
-        mut make: impl FnMut() -> F,
-    ) -> Result<T, WaitError> {
-        loop {
-            // Armed under the lock: an unlock() from here on is not lost,
-            // even if the state change also calls unlock_stop() before the
-            // wait begins.
-            if let Ok(armed) = self.waits.arm() {
-                let outcome = {
-                    // SAFETY: every caller runs on the streaming thread inside
-                    // render() or a serialized event, where GstBaseSink holds
-                    // the PREROLL_LOCK (gst_base_sink_chain_main,
-                    // gst_base_sink_event); the guard takes it back before
-                    // returning, panics included.
-                    let _released = unsafe { PrerollLockReleased::new(self.obj().upcast_ref()) };
-                    armed.block(timeout, make())
-                };
-                if !matches!(outcome, Err(WaitError::Cancelled)) {
-                    return outcome;
-                }
-            }
-            if !self.resume_after_unlock() {
-                return Err(WaitError::Cancelled);
-            }
-        }
-    }
-
-    /// After an unlock(), with the PREROLL_LOCK held again: false for a
-    /// flush or a stop; true once the pipeline plays again after a pause.
-    fn resume_after_unlock(&self) -> bool {
-        let sink = self.obj();
-        let base = sink.upcast_ref::<gst_base::BaseSink>();
-        // SAFETY: `flushing` is written under the PREROLL_LOCK, which this
-        // thread holds again.
-        let flushing = unsafe { (*base.as_ptr()).flushing } != glib::ffi::GFALSE;
-        if flushing {
-            return false;
-        }
-        let settled_playing = sink.current_state() == gst::State::Playing
-            && sink.pending_state() == gst::State::VoidPending
-            && !self.waits.is_cancelled();
-        if settled_playing {
-            // Paused and played again while the lock was released.
-            return true;
-        }
-        // A pause, or a flush whose thread waits for the lock: wait_preroll
-        // releases the lock and returns at PLAYING, or fails on a flush.
-        gst::debug!(CAT, imp = self, "paused while waiting: waiting to play again");
-        base.wait_preroll().is_ok()
-    }
-
-    /// Runs the future `make` gives on the plugin runtime (see run_wait).
+    /// Every wait of the streaming thread on the server: on the plugin
+    /// runtime, ended by a flush or a stop. It holds no lock but the pad's
+    /// stream lock.
     fn wait<T: Send, F: Future<Output = Result<T, String>> + Send>(
         &self,
         timeout: Option<Duration>,
         timeout_message: impl FnOnce() -> String,
-        make: impl FnMut() -> F,
+        future: F,
     ) -> Result<T, Stop> {
-        match self.run_wait(timeout, make) {
+        match self.gate.run(timeout, future) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(failure(message)),
             Err(WaitError::Cancelled) => Err(Stop::Flushing),
@@ -642,7 +724,7 @@ impl UploadSink {
         self.wait(
             Some(limit),
             || format!("no session with the server at {} within {:.1} s (connect-timeout)", config.api_url, limit.as_secs_f64()),
-            || session.wait_connected(),
+            session.wait_connected(),
         )
     }
 
@@ -652,7 +734,7 @@ impl UploadSink {
         };
         let start = segment.start().map(u64::from).unwrap_or(0);
         let mut state = self.state.lock().unwrap();
-        let State::Started { job: Some(job) } = &mut *state else {
+        let State::Started { job: Some(job), end: None } = &mut *state else {
             return Ok(());
         };
         let Job { mode, seeking_upstream, .. } = &mut **job;
@@ -680,7 +762,7 @@ impl UploadSink {
     }
 
     fn render_job(&self, job: &mut Job, data: &[u8], offset: u64) -> Result<(), Stop> {
-        let Job { session, config, mode, seeking_upstream, progress } = job;
+        let Job { session, config, mode, seeking_upstream, progress, .. } = job;
         if matches!(mode, Mode::Undecided) {
             *mode = self.choose_mode(session, config, *seeking_upstream)?;
             *self.upload_mode.lock().unwrap() = match mode {
@@ -711,9 +793,8 @@ impl UploadSink {
     fn choose_mode(&self, session: &Arc<Session>, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
         let upload_mode = self.settings.lock().unwrap().upload_mode;
         let size = if upload_mode == UploadMode::Auto && !seeking_upstream && self.fed_by_byte_source() {
-            self.obj()
-                .static_pad("sink")
-                .and_then(|pad| pad.peer_query_duration::<gst::format::Bytes>())
+            self.sinkpad
+                .peer_query_duration::<gst::format::Bytes>()
                 .map(u64::from)
                 .filter(|size| *size > 0)
         } else {
@@ -761,7 +842,7 @@ impl UploadSink {
     /// stand between the source and this sink.
     fn fed_by_byte_source(&self) -> bool {
         const BYTE_PRESERVING: &[&str] = &["queue", "queue2", "identity", "capsfilter", "tee", "typefind"];
-        let mut pad = self.obj().static_pad("sink");
+        let mut pad = Some(self.sinkpad.clone());
         for _ in 0..16 {
             let Some(element) = pad.and_then(|p| p.peer()).and_then(|peer| peer.parent_element()) else {
                 return false;
@@ -804,7 +885,10 @@ impl UploadSink {
         Ok(())
     }
 
+    /// Sends one chunk, once the element plays: a pause holds the upload
+    /// here, and the stall timer only runs while the chunk waits for room.
     fn send_chunk(&self, session: &Arc<Session>, config: &SessionConfig, upload: &Upload, chunk: bytes::Bytes) -> Result<(), Stop> {
+        self.gate.wait_playing()?;
         let stall = config.stall_timeout;
         self.wait(
             Some(stall),
@@ -817,7 +901,7 @@ impl UploadSink {
                     stats.total_chunks
                 )
             },
-            || session.send_chunk(upload, chunk.clone()),
+            session.send_chunk(upload, chunk),
         )
     }
 
@@ -846,14 +930,18 @@ impl UploadSink {
         let _ = self.obj().post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
     }
 
-    /// At EOS: complete the upload, then wait for every result.
+    /// At EOS: completes the upload, then reads every result unless a
+    /// roboflowresultsrc does; returns once the EOS message may be posted.
     fn finish_job(&self) -> Result<(), Stop> {
         let Some(mut job) = self.take_job() else {
             return Err(Stop::Flushing);
         };
-        let outcome = self.finish_upload(&mut job);
+        let outcome = if job.uploaded { Ok(()) } else { self.finish_upload(&mut job) };
         self.post_warnings();
-        let outcome = outcome.and_then(|()| self.collect_results(&job.session, &job.config));
+        let outcome = outcome
+            .and_then(|()| self.collect_results(&mut job))
+            // EOS in PAUSED waits for PLAYING, as any sink's does.
+            .and_then(|()| Ok(self.gate.wait_playing()?));
         self.give_back(job);
         outcome
     }
@@ -862,10 +950,7 @@ impl UploadSink {
         let Job { session, config, mode, progress, .. } = job;
         let upload = match std::mem::replace(mode, Mode::Undecided) {
             Mode::Undecided => {
-                return Err(Stop::Error(gst::error_msg!(
-                    gst::StreamError::Failed,
-                    ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
-                )));
+                return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
             }
             Mode::Streamed(streamed) => {
                 let Streamed { mut framer, upload } = *streamed;
@@ -884,9 +969,10 @@ impl UploadSink {
         self.wait(
             Some(stall),
             || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
-            || session.upload_ended(&end),
+            session.upload_ended(&end),
         )?;
-        self.progress_message(session, progress, true);
+        job.uploaded = true;
+        self.progress_message(&job.session, &mut job.progress, true);
         Ok(())
     }
 
@@ -899,10 +985,7 @@ impl UploadSink {
     ) -> Result<Upload, Stop> {
         let size = spool.size;
         if size == 0 {
-            return Err(Stop::Error(gst::error_msg!(
-                gst::StreamError::Failed,
-                ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
-            )));
+            return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
         }
         let mut framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
         self.wait_connected(session, config)?;
@@ -927,28 +1010,31 @@ impl UploadSink {
         Ok(upload)
     }
 
-    fn collect_results(&self, session: &Arc<Session>, config: &SessionConfig) -> Result<(), Stop> {
-        // A result source that is starting will read the results; if it has
-        // not attached within connect-timeout, the sink reports them itself.
-        if registry::source_expected(session.name()) && !session.has_result_source() {
-            let limit = config.connect_timeout;
-            match runtime_wait_soft(self, limit, || session.wait_result_source()) {
-                Err(Stop::Flushing) => return Err(Stop::Flushing),
-                Ok(true) => {}
-                _ => gst::warning!(CAT, imp = self, "the roboflowresultsrc reserved for session '{}' did not attach within {limit:?}: the sink posts the results", session.name()),
+    /// Posts every result, unless a roboflowresultsrc takes them: then the
+    /// sink's job ends with the upload, and the pipeline ends when the
+    /// source's branch reaches EOS.
+    fn collect_results(&self, job: &mut Job) -> Result<(), Stop> {
+        let Job { session, config, results, .. } = job;
+        if results.is_none() {
+            // A result source that is starting will read the results; if it
+            // has not attached within connect-timeout, the sink reports them.
+            if registry::source_expected(session.name()) && !session.has_result_source() {
+                let limit = config.connect_timeout;
+                if !wait_soft(&self.gate, limit, session.wait_result_source())? {
+                    gst::warning!(CAT, imp = self, "the roboflowresultsrc reserved for session '{}' did not attach within {limit:?}: the sink posts the results", session.name());
+                }
             }
+            *results = session.take_events(false);
         }
-        let events = session.take_events(false);
-        let Some(events) = events else {
-            // A roboflowresultsrc consumes the results; the job ends when it
-            // has seen processing_complete.
-            return self.wait(None, String::new, || session.wait_complete());
+        let Some(events) = results else {
+            gst::info!(CAT, imp = self, "a roboflowresultsrc reads the results of session '{}'", session.name());
+            return Ok(());
         };
-        // Behind an async mutex so that a wait resumed after a pause can
-        // borrow the receiver again.
-        let events = tokio::sync::Mutex::new(events);
         let stall = config.stall_timeout;
         loop {
+            // A pause holds the results here; the stall timer only runs
+            // while the element plays.
+            self.gate.wait_playing()?;
             let event = self.wait(
                 Some(stall),
                 || {
@@ -958,8 +1044,9 @@ impl UploadSink {
                         session.stats().frames_received
                     )
                 },
-                || async { Ok(session.next_event(&mut *events.lock().await).await) },
+                async { Ok(session.next_event(events).await) },
             )?;
+            self.gate.wait_playing()?;
             match event {
                 SessionEvent::Frame(frame) => self.post_inference(&frame),
                 SessionEvent::Complete { frames, .. } => {
