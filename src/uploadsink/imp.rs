@@ -580,6 +580,26 @@ impl UploadSink {
                 }
             },
             gst::EventView::Eos(eos) => self.on_eos(eos.seqnum()),
+            // Messages a sink posts, as GstBaseSink does: a bin posts
+            // STREAM_START once every sink of it did.
+            gst::EventView::StreamStart(stream_start) => {
+                let obj = self.obj();
+                let mut message = gst::message::StreamStart::builder().src(&*obj).seqnum(stream_start.seqnum());
+                if let Some(group) = stream_start.group_id() {
+                    message = message.group_id(group);
+                }
+                let _ = obj.post_message(message.build());
+                true
+            }
+            gst::EventView::Tag(tag) => {
+                let obj = self.obj();
+                let _ = obj.post_message(gst::message::Tag::builder(tag.tag_owned()).src(&*obj).build());
+                true
+            }
+            gst::EventView::SinkMessage(sink_message) => {
+                let _ = self.obj().post_message(sink_message.message());
+                true
+            }
             _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
         }
     }
