@@ -139,3 +139,41 @@ fn a_pause_while_results_arrive_resumes_the_results() {
         message.structure().is_some_and(|s| s.name() == "roboflow-inference")
     });
 }
+
+/// PAUSED before the first PLAYING: the sink takes the first buffer (it
+/// does not preroll) but sends no chunk, however long the pause, and the
+/// stall timer does not run; PLAYING then runs the job to the end.
+#[test]
+fn paused_before_playing_holds_the_upload_without_a_stall() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink name=sink {} stall-timeout=300",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let sink = sink_of(&pipeline, "sink");
+    assert_eq!(pipeline.set_state(gst::State::Paused), Ok(gst::StateChangeSuccess::Success), "the sink does not preroll");
+    // The first buffer makes the sink connect and begin the upload.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while phase(&sink) != "uploading" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(phase(&sink), "uploading");
+    // Several stall-timeouts long.
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = sink.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u64>("chunks-sent").unwrap(), 0, "PAUSED sends no chunk: {stats}");
+    assert_eq!(phase(&sink), "uploading");
+    let bus = pipeline.bus().unwrap();
+    while let Some(message) = bus.pop() {
+        if let gst::MessageView::Error(err) = message.view() {
+            panic!("an error while paused: {}", err.error());
+        }
+    }
+    let outcome = run(&pipeline, Duration::from_secs(60));
+    assert!(outcome.eos, "no EOS after PLAYING: {:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), 5);
+}
