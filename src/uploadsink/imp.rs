@@ -968,6 +968,13 @@ impl UploadSink {
 
     fn finish_upload(&self, job: &mut Job) -> Result<(), Stop> {
         let Job { session, config, mode, progress, .. } = job;
+        if let Mode::Spooled(spool) = mode
+            && spool.size > 0
+        {
+            // Connected before the spool leaves the job: a flush during
+            // this wait keeps the bytes for the EOS that comes after it.
+            self.wait_connected(session, config)?;
+        }
         let upload = match std::mem::replace(mode, Mode::Undecided) {
             Mode::Undecided => {
                 return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
@@ -1008,7 +1015,6 @@ impl UploadSink {
             return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
         }
         let mut framer = UploadFramer::new(size, config.chunk_size).map_err(|err| failure(err.to_string()))?;
-        self.wait_connected(session, config)?;
         let upload = session.begin_upload(size, framer.total_chunks()).map_err(failure)?;
         let read_error = |err: std::io::Error| failure(format!("reading back the spool file {} failed: {err}", spool.path.display()));
         spool.file.seek(SeekFrom::Start(0)).map_err(read_error)?;
