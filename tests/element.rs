@@ -7,12 +7,11 @@ use common::harness::init;
 use gst::glib;
 use gst::prelude::*;
 
-/// A configured sink; `async=false` because gst_harness_play() wants a
-/// synchronous state change.
+/// A configured sink. Its state changes are synchronous (it does not
+/// preroll), as gst_harness_play() wants.
 fn element_with(properties: &[(&str, &str)]) -> gst::Element {
     init();
     let element = gst::ElementFactory::make("roboflowuploadsink").build().unwrap();
-    element.set_property("async", false);
     for (name, value) in properties {
         let pspec = element.find_property(name).unwrap();
         if pspec.value_type() == glib::Type::STRING {
@@ -119,4 +118,132 @@ fn every_documented_property_exists() {
     assert_eq!(element.property::<u32>("sctp-mtu"), 0);
     assert_eq!(element.property::<u32>("keepalive-interval"), 5000);
     assert_eq!(element.property::<String>("api-url"), "http://127.0.0.1:9001");
+}
+
+#[test]
+fn a_harness_pushes_a_clip_and_sees_every_result_then_eos() {
+    use common::worker::{TestWorker, WorkerConfig};
+    init();
+    let worker = TestWorker::start(WorkerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let clip = common::harness::make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let workflow = common::harness::workflow_file();
+    let url = worker.url();
+    let element = element_with(&[
+        ("api-url", url.as_str()),
+        ("api-key", "test-key"),
+        ("workflow-spec-file", workflow.to_str().unwrap()),
+        ("stall-timeout", "20000"),
+    ]);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    // Plays the element: no preroll, so the change is synchronous.
+    let mut harness = gst_check::Harness::with_element(&element, Some("sink"), None);
+    assert_eq!(element.current_state(), gst::State::Playing);
+    harness.set_src_caps_str("video/quicktime");
+    // No source element upstream to report a size: the bytes are spooled.
+    let bytes = std::fs::read(&clip).unwrap();
+    for piece in bytes.chunks(10_000) {
+        assert_eq!(harness.push(gst::Buffer::from_slice(piece.to_vec())), Ok(gst::FlowSuccess::Ok));
+    }
+    // Returns once the job is finished.
+    assert!(harness.push_event(gst::event::Eos::new()));
+    let mut frames = Vec::new();
+    let mut eos = 0;
+    while let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(300)) {
+        match message.view() {
+            gst::MessageView::Error(err) => panic!("unexpected error: {}", err.error()),
+            gst::MessageView::Eos(_) => {
+                assert_eq!(message.src(), Some(element.upcast_ref::<gst::Object>()));
+                eos += 1;
+            }
+            _ => {}
+        }
+        if let Some(structure) = message.structure().filter(|s| s.name() == "roboflow-inference") {
+            assert_eq!(eos, 0, "every result comes before EOS");
+            frames.push(structure.get::<u64>("frame-id").unwrap());
+        }
+    }
+    assert_eq!(frames, (1..=5).collect::<Vec<u64>>());
+    assert_eq!(eos, 1, "one EOS message");
+    let stats = element.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<&str>("upload-mode").unwrap(), "spooled");
+    assert_eq!(stats.get::<&str>("phase").unwrap(), "complete");
+    // Data after EOS is refused.
+    assert_eq!(harness.push(gst::Buffer::from_slice(vec![0u8; 4])), Err(gst::FlowError::Eos));
+    drop(harness);
+    let sessions = worker.wait_for_sessions(1, std::time::Duration::from_secs(5));
+    assert_eq!(sessions[0].upload_sha256.as_deref(), Some(common::harness::sha256_file(&clip).as_str()));
+}
+
+#[test]
+fn the_latency_query_is_answered_not_live() {
+    init();
+    let element = gst::ElementFactory::make("roboflowuploadsink").build().unwrap();
+    let mut query = gst::query::Latency::new();
+    assert!(element.query(&mut query), "the element answers");
+    assert_eq!(query.result(), (false, gst::ClockTime::ZERO, gst::ClockTime::NONE));
+    let pad = element.static_pad("sink").unwrap();
+    let mut query = gst::query::Latency::new();
+    assert!(pad.query(&mut query), "the pad answers");
+    assert_eq!(query.result(), (false, gst::ClockTime::ZERO, gst::ClockTime::NONE));
+}
+
+/// FLUSH_START ends the EOS wait at once and refuses data; after
+/// FLUSH_STOP the job goes on with the bytes already spooled.
+#[test]
+fn a_flush_cancels_the_eos_wait_and_the_job_goes_on_after_it() {
+    use common::worker::{Fault, TestWorker, WorkerConfig};
+    use std::time::Duration;
+    init();
+    let worker = TestWorker::start(WorkerConfig::default().with_fault(Fault::DelayAnswer(Duration::from_secs(3))));
+    let dir = tempfile::tempdir().unwrap();
+    let clip = common::harness::make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let workflow = common::harness::workflow_file();
+    let url = worker.url();
+    let element = element_with(&[
+        ("api-url", url.as_str()),
+        ("api-key", "test-key"),
+        ("workflow-spec-file", workflow.to_str().unwrap()),
+    ]);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut harness = gst_check::Harness::with_element(&element, Some("sink"), None);
+    harness.set_src_caps_str("video/quicktime");
+    for piece in std::fs::read(&clip).unwrap().chunks(10_000) {
+        assert_eq!(harness.push(gst::Buffer::from_slice(piece.to_vec())), Ok(gst::FlowSuccess::Ok));
+    }
+    // EOS waits for the delayed answer on another thread.
+    let src = harness.srcpad().unwrap().clone();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let eos_thread = std::thread::spawn(move || {
+        done_tx.send(src.push_event(gst::event::Eos::new())).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(done_rx.try_recv().is_err(), "EOS is still waiting for the answer");
+    assert!(harness.push_event(gst::event::FlushStart::new()));
+    let handled = done_rx.recv_timeout(Duration::from_secs(2)).expect("FLUSH_START ends the EOS wait");
+    assert!(!handled, "a flushed EOS is not handled");
+    eos_thread.join().unwrap();
+    assert_eq!(harness.push(gst::Buffer::from_slice(vec![0u8; 4])), Err(gst::FlowError::Flushing));
+    assert!(harness.push_event(gst::event::FlushStop::new(false)));
+
+    // The job goes on: the same spooled bytes are uploaded at the next EOS.
+    assert!(harness.push_event(gst::event::Eos::new()));
+    let mut frames = 0;
+    let mut eos = 0;
+    while let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(300)) {
+        match message.view() {
+            gst::MessageView::Error(err) => panic!("unexpected error: {}", err.error()),
+            gst::MessageView::Eos(_) => eos += 1,
+            _ => {}
+        }
+        if message.structure().is_some_and(|s| s.name() == "roboflow-inference") {
+            frames += 1;
+        }
+    }
+    assert_eq!((frames, eos), (5, 1));
+    drop(harness);
+    let sessions = worker.wait_for_sessions(1, Duration::from_secs(5));
+    assert_eq!(sessions[0].upload_sha256.as_deref(), Some(common::harness::sha256_file(&clip).as_str()));
 }

@@ -82,12 +82,8 @@ fn inference_messages(outcome: &Outcome) -> Vec<(u64, Option<gst::ClockTime>, Va
         .into_iter()
         .map(|message| {
             let json = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
-            let errors = message
-                .get::<gst::Array>("errors")
-                .unwrap()
-                .iter()
-                .map(|value| value.get::<String>().unwrap())
-                .collect();
+            // A JSON list of strings (bus.rs says why not a GstValueArray).
+            let errors = serde_json::from_str(message.get::<&str>("errors").unwrap()).unwrap();
             (
                 message.get::<u64>("frame-id").unwrap(),
                 message.get::<Option<gst::ClockTime>>("pts").unwrap(),

@@ -1,9 +1,10 @@
-// While roboflowuploadsink waits on the server inside render() or at EOS,
-// GstBaseSink's PREROLL_LOCK stays free: state changes and the base class's
-// own properties go on. A wait that held it blocked the pipeline's change to
-// PLAYING when the first buffer raced that change; a roboflowresultsrc of
-// the same pipeline then never started and the job failed after
-// connect-timeout (seen once in CI, in the eight-pairs concurrency test).
+// While roboflowuploadsink waits on the server (in its chain function or at
+// EOS), it holds no lock a state change takes: state changes and queries go
+// on, and a roboflowresultsrc of the same pipeline starts. (As a GstBaseSink
+// it once held the PREROLL_LOCK through such a wait: the pipeline's change
+// to PLAYING, when the first buffer raced it, stalled behind the wait, the
+// result source never started and the job failed after connect-timeout;
+// seen once in CI, in the eight-pairs concurrency test.)
 
 mod common;
 
@@ -18,7 +19,7 @@ fn phase(sink: &gst::Element) -> String {
 }
 
 #[test]
-fn a_render_waiting_for_the_server_leaves_the_preroll_lock_free() {
+fn state_changes_go_on_while_the_sink_waits_for_the_server() {
     init();
     let worker = TestWorker::start(WorkerConfig {
         faults: vec![Fault::DelayAnswer(Duration::from_secs(4))],
@@ -34,7 +35,7 @@ fn a_render_waiting_for_the_server_leaves_the_preroll_lock_free() {
     let sink = sink_of(&pipeline, "sink");
     pipeline.set_state(gst::State::Playing).unwrap();
 
-    // filesrc's first buffer reaches render() at once, which then waits for
+    // filesrc's first buffer reaches the sink at once, which then waits for
     // the server's delayed answer.
     let bus = pipeline.bus().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -51,14 +52,21 @@ fn a_render_waiting_for_the_server_leaves_the_preroll_lock_free() {
     }
     assert!(playing, "the pipeline never reached PLAYING");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(phase(&sink), "connecting", "the answer is delayed: render() is still waiting");
+    assert_eq!(phase(&sink), "connecting", "the answer is delayed: the sink is still waiting");
 
-    // GstBaseSink sets `async` under its PREROLL_LOCK.
-    sink.set_property("async", false);
+    // A state query and two state changes, each bounded: none may wait for
+    // the sink's wait (the answer is still ~3 s away).
+    let (result, current, pending) = pipeline.state(gst::ClockTime::from_mseconds(500));
+    assert_eq!((result, current, pending), (Ok(gst::StateChangeSuccess::Success), gst::State::Playing, gst::State::VoidPending));
+    assert_eq!(pipeline.set_state(gst::State::Paused), Ok(gst::StateChangeSuccess::Success), "the sink does not preroll");
+    let (result, current, _) = pipeline.state(gst::ClockTime::from_mseconds(500));
+    assert_eq!((result, current), (Ok(gst::StateChangeSuccess::Success), gst::State::Paused));
+    assert_eq!(sink.current_state(), gst::State::Paused);
+    assert_eq!(pipeline.set_state(gst::State::Playing), Ok(gst::StateChangeSuccess::Success));
     assert_eq!(
         phase(&sink),
         "connecting",
-        "setting 'async' waited for render() to finish: the wait held the PREROLL_LOCK"
+        "the state changes waited for the sink's wait on the server to finish"
     );
 
     // The job still completes once the answer comes.
@@ -184,4 +192,42 @@ fn a_pause_while_results_arrive_resumes_the_results() {
     pause_and_resume(WorkerConfig::default(), &clip, 30, PAUSE_PROPERTIES, PAUSE, |message| {
         message.structure().is_some_and(|s| s.name() == "roboflow-inference")
     });
+}
+
+/// PAUSED before the first PLAYING: the sink takes the first buffer (it
+/// does not preroll) but sends no chunk, however long the pause, and the
+/// stall timer does not run; PLAYING then runs the job to the end.
+#[test]
+fn paused_before_playing_holds_the_upload_without_a_stall() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 5, 160, 120);
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink name=sink {} stall-timeout=300",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let sink = sink_of(&pipeline, "sink");
+    assert_eq!(pipeline.set_state(gst::State::Paused), Ok(gst::StateChangeSuccess::Success), "the sink does not preroll");
+    // The first buffer makes the sink connect and begin the upload.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while phase(&sink) != "uploading" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(phase(&sink), "uploading");
+    // Several stall-timeouts long.
+    std::thread::sleep(Duration::from_millis(1200));
+    let stats = sink.property::<gst::Structure>("stats");
+    assert_eq!(stats.get::<u64>("chunks-sent").unwrap(), 0, "PAUSED sends no chunk: {stats}");
+    assert_eq!(phase(&sink), "uploading");
+    let bus = pipeline.bus().unwrap();
+    while let Some(message) = bus.pop() {
+        if let gst::MessageView::Error(err) = message.view() {
+            panic!("an error while paused: {}", err.error());
+        }
+    }
+    let outcome = run(&pipeline, Duration::from_secs(60));
+    assert!(outcome.eos, "no EOS after PLAYING: {:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), 5);
 }

@@ -1,10 +1,20 @@
-// roboflowuploadsink: a BaseSink that uploads whatever bytes it receives
-// (a muxed video) to the server, then waits for every frame's result.
+// roboflowuploadsink: a sink element that uploads whatever bytes it
+// receives (a muxed video) to the server, then waits for every frame's
+// result.
 //
 // Streamed mode: upstream reports its size in bytes (filesrc does), so the
 // chunk count is known up front and chunks leave as buffers arrive.
 // Spooled mode: otherwise the bytes go to a temporary file, honouring BYTES
 // segments (muxers seek back to rewrite headers), and leave at EOS.
+//
+// A plain GstElement with its own chain, event and query functions, not a
+// GstBaseSink: GstBaseSink runs render() and serialized events under its
+// PREROLL_LOCK, which its state changes also take, so a render() waiting on
+// the server held the pipeline's change to PLAYING (and a roboflowresultsrc
+// of the same pipeline with it). Here only the pad's stream lock is held
+// while the streaming thread waits, and a state change takes it only to
+// stop, after cancelling every wait. The sink does not preroll: PAUSED holds
+// the job at its next chunk or result (see `Gate`) and PLAYING resumes it.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{LazyLock, Mutex};
@@ -13,14 +23,13 @@ use std::time::{Duration, Instant};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
-use gst_base::prelude::*;
-use gst_base::subclass::prelude::*;
 
+use super::gate::Gate;
+use crate::bus::{PROGRESS_MESSAGE, inference_structure};
 use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
-use crate::bus::{PROGRESS_MESSAGE, inference_structure};
-use crate::runtime::{WaitError, Waits};
+use crate::runtime::WaitError;
 use crate::session::{self, FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, UploadWriter};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -35,17 +44,27 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Extra time granted to the connect wait beyond connect-timeout: the
 /// session enforces the real limit and explains which step was late.
 const CONNECT_GRACE: Duration = Duration::from_secs(5);
+const EMPTY_INPUT: &str =
+    "the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)";
 
 /// Why an operation of the streaming thread stopped.
 enum Stop {
-    /// unlock() or a state change: not an error.
+    /// A flush or a state change to READY: not an error.
     Flushing,
+    /// Nobody reads the results any more: the job ends with EOS.
+    Abandoned,
     Error(gst::ErrorMessage),
 }
 
 impl From<gst::ErrorMessage> for Stop {
     fn from(message: gst::ErrorMessage) -> Self {
         Stop::Error(message)
+    }
+}
+
+impl From<super::gate::Cancelled> for Stop {
+    fn from(_: super::gate::Cancelled) -> Self {
+        Stop::Flushing
     }
 }
 
@@ -56,7 +75,9 @@ fn failure(message: impl AsRef<str>) -> Stop {
 impl From<SessionError> for Stop {
     fn from(error: SessionError) -> Self {
         match error {
-            SessionError::Closed => Stop::Flushing,
+            // The roboflowresultsrc reading the results let go (its
+            // downstream ended): the job ends, without an error of its own.
+            SessionError::ResultsAbandoned { .. } => Stop::Abandoned,
             error => failure(error.to_string()),
         }
     }
@@ -92,49 +113,73 @@ struct Progress {
 /// while it works, so that no lock is held while it waits or posts.
 struct Job {
     writer: UploadWriter,
-    /// None when a roboflowresultsrc reads the results.
-    results: Option<ResultStream>,
     config: SessionConfig,
     mode: Mode,
     /// A BYTES segment that does not start at 0 arrived before any data:
     /// upstream will seek, so the bytes must be spooled.
     seeking_upstream: bool,
     progress: Progress,
+    /// Every chunk was handed to the channel: an EOS handled again after a
+    /// flush goes straight on to the results.
+    uploaded: bool,
+    /// The results, unless a roboflowresultsrc claimed them.
+    results: Option<ResultStream>,
+}
+
+/// How the job ended, as far as the streaming thread is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// An ERROR was posted: nothing else is reported for this job.
+    Failed,
+    /// The EOS message was posted.
+    Finished,
 }
 
 enum State {
     Stopped,
     /// `job` is None while the streaming thread holds it.
-    Started { job: Option<Box<Job>> },
+    Started { job: Option<Box<Job>>, end: Option<End> },
 }
 
 pub struct UploadSink {
+    sinkpad: gst::Pad,
     settings: Mutex<UploadSettings>,
     state: Mutex<State>,
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
     session: Mutex<Option<SessionProbe>>,
-    waits: Waits,
+    gate: Gate,
     /// "undecided", "streamed" or "spooled", for `stats`.
     upload_mode: Mutex<&'static str>,
-}
-
-impl Default for UploadSink {
-    fn default() -> Self {
-        Self {
-            settings: Mutex::new(UploadSettings::default()),
-            state: Mutex::new(State::Stopped),
-            session: Mutex::new(None),
-            waits: Waits::default(),
-            upload_mode: Mutex::new("undecided"),
-        }
-    }
 }
 
 #[glib::object_subclass]
 impl ObjectSubclass for UploadSink {
     const NAME: &'static str = "GstRoboflowUploadSink";
     type Type = super::UploadSink;
-    type ParentType = gst_base::BaseSink;
+    type ParentType = gst::Element;
+
+    fn with_class(klass: &Self::Class) -> Self {
+        let template = klass.pad_template("sink").expect("the sink pad template exists");
+        let sinkpad = gst::Pad::builder_from_template(&template)
+            .chain_function(|_pad, parent, buffer| {
+                UploadSink::catch_panic_pad_function(parent, || Err(gst::FlowError::Error), |sink| sink.chain(buffer))
+            })
+            .event_function(|pad, parent, event| {
+                UploadSink::catch_panic_pad_function(parent, || false, |sink| sink.sink_event(pad, event))
+            })
+            .query_function(|pad, parent, query| {
+                UploadSink::catch_panic_pad_function(parent, || false, |sink| sink.sink_query(pad, query))
+            })
+            .build();
+        Self {
+            sinkpad,
+            settings: Mutex::new(UploadSettings::default()),
+            state: Mutex::new(State::Stopped),
+            session: Mutex::new(None),
+            gate: Gate::default(),
+            upload_mode: Mutex::new("undecided"),
+        }
+    }
 }
 
 fn string_property(name: &str, nick: &str, blurb: &str, default: Option<&str>) -> glib::ParamSpec {
@@ -270,12 +315,10 @@ impl ObjectImpl for UploadSink {
 
     fn constructed(&self) {
         self.parent_constructed();
-        // A byte sink: rendering against the clock would only slow the upload.
-        self.obj().set_sync(false);
-        // Nothing to preroll: a pipeline that also holds roboflowresultsrc
-        // (a live source whose data only exists after the upload) must not
-        // wait for this sink's preroll to reach PLAYING.
-        self.obj().set_async(false);
+        let obj = self.obj();
+        obj.add_pad(&self.sinkpad).expect("the sink pad is added once");
+        // A sink for the bins: they wait for its EOS message to end.
+        obj.set_element_flags(gst::ElementFlags::SINK);
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
@@ -369,20 +412,6 @@ impl ObjectImpl for UploadSink {
 impl GstObjectImpl for UploadSink {}
 
 impl ElementImpl for UploadSink {
-    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
-        if transition == gst::StateChange::ReadyToPaused
-            && let Err(message) = self.start_job()
-        {
-            self.post_error_message(message);
-            return Err(gst::StateChangeError);
-        }
-        let result = self.parent_change_state(transition);
-        if transition == gst::StateChange::PausedToReady {
-            self.stop_job();
-        }
-        result
-    }
-
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
             gst::subclass::ElementMetadata::new(
@@ -409,39 +438,199 @@ impl ElementImpl for UploadSink {
         });
         TEMPLATES.as_ref()
     }
+
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        gst::debug!(CAT, imp = self, "state change {transition:?}");
+        match transition {
+            gst::StateChange::ReadyToPaused => {
+                if let Err(message) = self.start() {
+                    self.post_error_message(message);
+                    return Err(gst::StateChangeError);
+                }
+                // Before the pad activates: its first buffer may come at once.
+                self.gate.start();
+            }
+            gst::StateChange::PausedToPlaying => self.gate.set_playing(true),
+            gst::StateChange::PlayingToPaused => self.gate.set_playing(false),
+            // Every wait ends first, so that the pad's deactivation, which
+            // takes the stream lock, finds the streaming thread returning.
+            gst::StateChange::PausedToReady => self.gate.stop(),
+            _ => {}
+        }
+        let result = self.parent_change_state(transition);
+        match transition {
+            gst::StateChange::ReadyToPaused if result.is_err() => {
+                self.gate.stop();
+                self.stop();
+            }
+            gst::StateChange::PausedToReady => self.stop(),
+            _ => {}
+        }
+        result
+    }
+
+    fn query(&self, query: &mut gst::QueryRef) -> bool {
+        if Self::answer_latency(query) {
+            return true;
+        }
+        // Position, duration and the rest: asked of upstream, as a sink does.
+        self.parent_query(query)
+    }
+
+    fn send_event(&self, event: gst::Event) -> bool {
+        // A bin sends seeks and its latency to its sinks: they go upstream.
+        if event.is_upstream() {
+            return self.sinkpad.push_event(event);
+        }
+        self.parent_send_event(event)
+    }
 }
 
-impl BaseSinkImpl for UploadSink {
+/// Waits up to `limit` for `future`; running out of time is `Ok(false)`.
+impl UploadSink {
+    /// READY->PAUSED: validates the settings and starts the session, which
+    /// connects in the background while upstream produces the bytes.
     fn start(&self) -> Result<(), gst::ErrorMessage> {
-        // Properties are checked now, before any network; the session starts
-        // at READY->PAUSED, after every roboflowresultsrc of the pipeline
-        // claimed its results at NULL->READY.
-        self.settings
-            .lock()
-            .unwrap()
+        let settings = self.settings.lock().unwrap().clone();
+        let config = settings
             .validate()
-            .map(|_| ())
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))
-    }
-
-    fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.stop_job();
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
+        let name = settings
+            .session
+            .clone()
+            .filter(|name| !name.trim().is_empty())
+            .unwrap_or_else(|| session::default_name(&self.obj().name()));
+        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
+        let (writer, results) = session::start(name, config.clone())
+            .map_err(|error| gst::error_msg!(gst::LibraryError::Settings, ("{}", error)))?;
+        if results.is_none() {
+            gst::info!(CAT, imp = self, "a roboflowresultsrc reads the results of session '{}'", writer.name());
+        }
+        *self.session.lock().unwrap() = Some(writer.probe());
+        *self.upload_mode.lock().unwrap() = "undecided";
+        *self.state.lock().unwrap() = State::Started {
+            job: Some(Box::new(Job {
+                writer,
+                config,
+                mode: Mode::Undecided,
+                seeking_upstream: false,
+                progress: Progress::default(),
+                uploaded: false,
+                results,
+            })),
+            end: None,
+        };
         Ok(())
     }
 
-    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
-        self.waits.unlock();
+    /// PAUSED->READY, after the streaming thread returned: lets go of the
+    /// session and drops the job (deleting any spool file).
+    fn stop(&self) {
+        // Dropping the job lets go of the session (it stays open for a
+        // roboflowresultsrc still reading a complete upload's results) and
+        // deletes any spool file.
+        *self.state.lock().unwrap() = State::Stopped;
+        if let Some(session) = self.session.lock().unwrap().as_ref() {
+            gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
+        }
+    }
+
+    fn answer_latency(query: &mut gst::QueryRef) -> bool {
+        match query.view_mut() {
+            // Not live, no latency of its own: the sink does not sync.
+            gst::QueryViewMut::Latency(latency) => {
+                latency.set(false, gst::ClockTime::ZERO, gst::ClockTime::NONE);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn sink_query(&self, pad: &gst::Pad, query: &mut gst::QueryRef) -> bool {
+        if Self::answer_latency(query) {
+            return true;
+        }
+        gst::Pad::query_default(pad, Some(&*self.obj()), query)
+    }
+
+    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::FlushStart(_) => {
+                self.gate.flush_start();
+                true
+            }
+            gst::EventView::FlushStop(_) => {
+                self.gate.flush_stop();
+                true
+            }
+            gst::EventView::Segment(segment) => match self.on_segment(segment.segment()) {
+                Ok(()) => true,
+                Err(message) => {
+                    self.fail(message);
+                    false
+                }
+            },
+            gst::EventView::Eos(eos) => self.on_eos(eos.seqnum()),
+            // Messages a sink posts, as GstBaseSink does: a bin posts
+            // STREAM_START once every sink of it did.
+            gst::EventView::StreamStart(stream_start) => {
+                let obj = self.obj();
+                let mut message = gst::message::StreamStart::builder().src(&*obj).seqnum(stream_start.seqnum());
+                if let Some(group) = stream_start.group_id() {
+                    message = message.group_id(group);
+                }
+                let _ = obj.post_message(message.build());
+                true
+            }
+            gst::EventView::Tag(tag) => {
+                let obj = self.obj();
+                let _ = obj.post_message(gst::message::Tag::builder(tag.tag_owned()).src(&*obj).build());
+                true
+            }
+            gst::EventView::SinkMessage(sink_message) => {
+                let _ = self.obj().post_message(sink_message.message());
+                true
+            }
+            _ => gst::Pad::event_default(pad, Some(&*self.obj()), event),
+        }
+    }
+
+    /// Whether the job still takes data: Flushing when stopped or flushing,
+    /// Error (silently: the ERROR was posted) after a failure, Eos after EOS.
+    fn accepting(&self) -> Result<(), gst::FlowError> {
+        match &*self.state.lock().unwrap() {
+            State::Stopped => return Err(gst::FlowError::Flushing),
+            State::Started { end: Some(End::Failed), .. } => return Err(gst::FlowError::Error),
+            State::Started { end: Some(End::Finished), .. } => return Err(gst::FlowError::Eos),
+            State::Started { end: None, .. } => {}
+        }
+        if self.gate.is_cancelled() {
+            return Err(gst::FlowError::Flushing);
+        }
         Ok(())
     }
 
-    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
-        self.waits.unlock_stop();
-        Ok(())
+    /// Posts `message` as the job's one ERROR; any later failure of the same
+    /// job is a consequence of the first and is not reported.
+    fn fail(&self, message: gst::ErrorMessage) {
+        let first = match &mut *self.state.lock().unwrap() {
+            State::Started { end: end @ None, .. } => {
+                *end = Some(End::Failed);
+                true
+            }
+            _ => false,
+        };
+        if first {
+            self.post_error_message(message);
+        } else {
+            gst::debug!(CAT, imp = self, "not reported, the job already ended: {message:?}");
+        }
     }
 
-    fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+    fn chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        self.accepting()?;
         let map = buffer.map_readable().map_err(|_| {
-            gst::element_imp_error!(self, gst::ResourceError::Read, ("Failed to map the buffer"));
+            self.fail(gst::error_msg!(gst::ResourceError::Read, ("Failed to map the buffer")));
             gst::FlowError::Error
         })?;
         let outcome = match self.take_job() {
@@ -456,97 +645,49 @@ impl BaseSinkImpl for UploadSink {
         match outcome {
             Ok(()) => Ok(gst::FlowSuccess::Ok),
             Err(Stop::Flushing) => Err(gst::FlowError::Flushing),
+            Err(Stop::Abandoned) => {
+                self.finish(gst::Seqnum::next());
+                Err(gst::FlowError::Eos)
+            }
             Err(Stop::Error(message)) => {
-                self.post_error_message(message);
+                self.fail(message);
                 Err(gst::FlowError::Error)
             }
         }
     }
 
-    fn event(&self, event: gst::Event) -> bool {
-        match event.view() {
-            gst::EventView::Segment(segment) => {
-                if let Err(message) = self.on_segment(segment.segment()) {
-                    self.post_error_message(message);
-                    return false;
-                }
+    /// Completes the job and posts the EOS message, once.
+    fn on_eos(&self, seqnum: gst::Seqnum) -> bool {
+        if let Err(flow) = self.accepting() {
+            // After a failure upstream still sends EOS: its ERROR is posted.
+            gst::debug!(CAT, imp = self, "EOS dropped: {flow:?}");
+            return false;
+        }
+        match self.finish_job() {
+            Ok(()) | Err(Stop::Abandoned) => {}
+            Err(Stop::Flushing) => return false,
+            Err(Stop::Error(message)) => {
+                self.fail(message);
+                return false;
             }
-            gst::EventView::Eos(_) => match self.finish_job() {
-                Ok(()) => {}
-                Err(Stop::Flushing) => return false,
-                Err(Stop::Error(message)) => {
-                    self.post_error_message(message);
-                    return false;
-                }
-            },
-            _ => {}
         }
-        self.parent_event(event)
+        self.finish(seqnum);
+        true
     }
-}
 
-/// The PREROLL_LOCK of a GstBaseSink, released for as long as this lives.
-struct PrerollLockReleased(*mut glib::ffi::GMutex);
-
-impl PrerollLockReleased {
-    /// # Safety
-    /// The calling thread holds `sink`'s PREROLL_LOCK.
-    unsafe fn new(sink: &gst_base::BaseSink) -> Self {
-        // SAFETY: `sink` is a live GstBaseSink; its preroll_lock is a public
-        // field of the instance struct, locked by this thread (caller's
-        // contract).
-        unsafe {
-            let lock = &raw mut (*sink.as_ptr()).preroll_lock;
-            glib::ffi::g_mutex_unlock(lock);
-            Self(lock)
-        }
-    }
-}
-
-impl Drop for PrerollLockReleased {
-    fn drop(&mut self) {
-        // SAFETY: the lock was released by this thread in new() and the sink
-        // outlives the wait (the streaming thread holds a reference to it).
-        unsafe { glib::ffi::g_mutex_lock(self.0) };
-    }
-}
-
-impl UploadSink {
-    fn start_job(&self) -> Result<(), gst::ErrorMessage> {
-        let settings = self.settings.lock().unwrap().clone();
-        let config = settings
-            .validate()
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
-        let name = settings
-            .session
-            .clone()
-            .filter(|name| !name.trim().is_empty())
-            .unwrap_or_else(|| session::default_name(&self.obj().name()));
-        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
-        let (writer, results) = session::start(name, config.clone())
-            .map_err(|error| gst::error_msg!(gst::LibraryError::Settings, ("{}", error)))?;
-        *self.session.lock().unwrap() = Some(writer.probe());
-        *self.upload_mode.lock().unwrap() = "undecided";
-        *self.state.lock().unwrap() = State::Started {
-            job: Some(Box::new(Job {
-                writer,
-                results,
-                config,
-                mode: Mode::Undecided,
-                seeking_upstream: false,
-                progress: Progress::default(),
-            })),
+    /// Posts the EOS message, once per job.
+    fn finish(&self, seqnum: gst::Seqnum) {
+        let first = match &mut *self.state.lock().unwrap() {
+            State::Started { end: end @ None, .. } => {
+                *end = Some(End::Finished);
+                true
+            }
+            _ => false,
         };
-        Ok(())
-    }
-
-    fn stop_job(&self) {
-        *self.state.lock().unwrap() = State::Stopped;
-        if let Some(session) = self.session.lock().unwrap().as_ref() {
-            gst::info!(CAT, imp = self, "stopped session '{}'", session.name());
+        if first {
+            gst::info!(CAT, imp = self, "the job is finished: posting EOS");
+            let _ = self.obj().post_message(gst::message::Eos::builder().src(&*self.obj()).seqnum(seqnum).build());
         }
-        // Dropping the job deleted any spool file; a job the streaming
-        // thread still holds is dropped when it gives it back.
     }
 
     fn stats(&self) -> gst::Structure {
@@ -561,7 +702,7 @@ impl UploadSink {
 
     fn take_job(&self) -> Option<Box<Job>> {
         match &mut *self.state.lock().unwrap() {
-            State::Started { job } => job.take(),
+            State::Started { job, .. } => job.take(),
             State::Stopped => None,
         }
     }
@@ -569,7 +710,7 @@ impl UploadSink {
     /// Returns the job to the state, unless the element stopped meanwhile
     /// (then the job, and any spool file, is dropped here).
     fn give_back(&self, job: Box<Job>) {
-        if let State::Started { job: slot } = &mut *self.state.lock().unwrap() {
+        if let State::Started { job: slot, .. } = &mut *self.state.lock().unwrap() {
             *slot = Some(job);
         }
     }
@@ -581,95 +722,31 @@ impl UploadSink {
         }
     }
 
-    /// Every wait of the streaming thread: on the plugin runtime, with the
-    /// base class's PREROLL_LOCK released, ended by unlock().
-    ///
-    /// GstBaseSink calls render() and the serialized events with that lock
-    /// held, and its PAUSED->PLAYING change takes it. A first buffer that
-    /// arrives while that change is under way is rendered before the change
-    /// completes (the sink commits to PLAYING itself), so a long wait that
-    /// kept the lock held the change, and with it every element the pipeline
-    /// had not yet set to PLAYING: a roboflowresultsrc in the same pipeline
-    /// could not start, and the EOS wait for it ran into connect-timeout.
-    /// GstBaseSink releases the lock the same way around its clock waits.
-    ///
-    /// A pause (PLAYING->PAUSED unlocks us too) is not the end of the job:
-    /// the wait resumes, with a fresh future from `make`, once the pipeline
-    /// plays again; only a flush or a stop ends it.
-    fn run_wait<T: Send, F: Future<Output = T> + Send>(
+    /// Every wait of the streaming thread on the server: on the plugin
+    /// runtime, ended by a flush or a stop. It holds no lock but the pad's
+    /// stream lock.
+    fn wait<T: Send, F: Future<Output = Result<T, SessionError>> + Send>(
         &self,
         timeout: Option<Duration>,
-        mut make: impl FnMut() -> F,
-    ) -> Result<T, WaitError> {
-        loop {
-            // Armed under the lock: an unlock() from here on is not lost,
-            // even if the state change also calls unlock_stop() before the
-            // wait begins.
-            if let Ok(armed) = self.waits.arm() {
-                let outcome = {
-                    // SAFETY: every caller runs on the streaming thread inside
-                    // render() or a serialized event, where GstBaseSink holds
-                    // the PREROLL_LOCK (gst_base_sink_chain_main,
-                    // gst_base_sink_event); the guard takes it back before
-                    // returning, panics included.
-                    let _released = unsafe { PrerollLockReleased::new(self.obj().upcast_ref()) };
-                    armed.block(timeout, make())
-                };
-                if !matches!(outcome, Err(WaitError::Cancelled)) {
-                    return outcome;
-                }
-            }
-            if !self.resume_after_unlock() {
-                return Err(WaitError::Cancelled);
-            }
-        }
-    }
-
-    /// After an unlock(), with the PREROLL_LOCK held again: false for a
-    /// flush or a stop; true once the pipeline plays again after a pause.
-    fn resume_after_unlock(&self) -> bool {
-        let sink = self.obj();
-        let base = sink.upcast_ref::<gst_base::BaseSink>();
-        // SAFETY: `flushing` is written under the PREROLL_LOCK, which this
-        // thread holds again.
-        let flushing = unsafe { (*base.as_ptr()).flushing } != glib::ffi::GFALSE;
-        if flushing {
-            return false;
-        }
-        let settled_playing = sink.current_state() == gst::State::Playing
-            && sink.pending_state() == gst::State::VoidPending
-            && !self.waits.is_cancelled();
-        if settled_playing {
-            // Paused and played again while the lock was released.
-            return true;
-        }
-        // A pause, or a flush whose thread waits for the lock: wait_preroll
-        // releases the lock and returns at PLAYING, or fails on a flush.
-        gst::debug!(CAT, imp = self, "paused while waiting: waiting to play again");
-        base.wait_preroll().is_ok()
-    }
-
-    /// Runs the future `make` gives on the plugin runtime (see run_wait).
-    fn wait<T: Send, F: Future<Output = Result<T, String>> + Send>(
-        &self,
-        timeout: Option<Duration>,
-        timeout_message: impl FnOnce() -> String,
-        make: impl FnMut() -> F,
+        timed_out: impl FnOnce() -> SessionError,
+        future: F,
     ) -> Result<T, Stop> {
-        match self.run_wait(timeout, make) {
+        match self.gate.run(timeout, future) {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(message)) => Err(failure(message)),
+            Ok(Err(error)) => Err(error.into()),
             Err(WaitError::Cancelled) => Err(Stop::Flushing),
-            Err(WaitError::TimedOut(_)) => Err(failure(timeout_message())),
+            Err(WaitError::TimedOut(_)) => Err(timed_out().into()),
         }
     }
 
     fn wait_connected(&self, writer: &UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
+        // The session enforces connect-timeout and names the step that was
+        // late; this bound only guards against a session that never reports.
         let limit = config.connect_timeout + CONNECT_GRACE;
         self.wait(
             Some(limit),
-            || format!("no session with the server at {} within {:.1} s (connect-timeout)", config.api_url, limit.as_secs_f64()),
-            || async { writer.connected().await.map_err(|error| error.to_string()) },
+            || SessionError::ConnectTimeout { url: config.api_url.to_string(), timeout: limit, stage: "connecting" },
+            writer.connected(),
         )
     }
 
@@ -679,7 +756,7 @@ impl UploadSink {
         };
         let start = segment.start().map(u64::from).unwrap_or(0);
         let mut state = self.state.lock().unwrap();
-        let State::Started { job: Some(job) } = &mut *state else {
+        let State::Started { job: Some(job), end: None } = &mut *state else {
             return Ok(());
         };
         let Job { mode, seeking_upstream, .. } = &mut **job;
@@ -727,7 +804,7 @@ impl UploadSink {
                 }
                 writer.push(data)?;
                 streamed.consumed += data.len() as u64;
-                self.flush(writer, config)?;
+                self.send_chunks(writer, config)?;
                 self.progress_message(writer, progress, false);
                 Ok(())
             }
@@ -737,9 +814,8 @@ impl UploadSink {
     fn choose_mode(&self, writer: &mut UploadWriter, config: &SessionConfig, seeking_upstream: bool) -> Result<Mode, Stop> {
         let upload_mode = self.settings.lock().unwrap().upload_mode;
         let size = if upload_mode == UploadMode::Auto && !seeking_upstream && self.fed_by_byte_source() {
-            self.obj()
-                .static_pad("sink")
-                .and_then(|pad| pad.peer_query_duration::<gst::format::Bytes>())
+            self.sinkpad
+                .peer_query_duration::<gst::format::Bytes>()
                 .map(u64::from)
                 .filter(|size| *size > 0)
         } else {
@@ -786,7 +862,7 @@ impl UploadSink {
     /// stand between the source and this sink.
     fn fed_by_byte_source(&self) -> bool {
         const BYTE_PRESERVING: &[&str] = &["queue", "queue2", "identity", "capsfilter", "tee", "typefind"];
-        let mut pad = self.obj().static_pad("sink");
+        let mut pad = Some(self.sinkpad.clone());
         for _ in 0..16 {
             let Some(element) = pad.and_then(|p| p.peer()).and_then(|peer| peer.parent_element()) else {
                 return false;
@@ -829,18 +905,20 @@ impl UploadSink {
         Ok(())
     }
 
-    /// Sends the chunks framed so far, waiting while the channel is full.
-    fn flush(&self, writer: &mut UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
+    /// Sends the chunks framed so far, once the element plays: a pause holds
+    /// the upload here, and the stall timer only runs while a chunk waits
+    /// for room in the channel.
+    fn send_chunks(&self, writer: &mut UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
+        self.gate.wait_playing()?;
         let stall = config.stall_timeout;
         let probe = writer.probe();
-        let writer = tokio::sync::Mutex::new(writer);
         self.wait(
             Some(stall),
             || {
                 let stats = probe.stats();
-                SessionError::UploadStalled { timeout: stall, sent: stats.chunks_sent, total: stats.total_chunks }.to_string()
+                SessionError::UploadStalled { timeout: stall, sent: stats.chunks_sent, total: stats.total_chunks }
             },
-            || async { writer.lock().await.flush().await.map_err(|error| error.to_string()) },
+            writer.flush(),
         )
     }
 
@@ -869,45 +947,51 @@ impl UploadSink {
         let _ = self.obj().post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
     }
 
-    /// At EOS: complete the upload, then wait for every result.
+    /// At EOS: completes the upload, then reads every result unless a
+    /// roboflowresultsrc does; returns once the EOS message may be posted.
     fn finish_job(&self) -> Result<(), Stop> {
         let Some(mut job) = self.take_job() else {
             return Err(Stop::Flushing);
         };
-        let outcome = self.finish_upload(&mut job);
+        let outcome = if job.uploaded { Ok(()) } else { self.finish_upload(&mut job) };
         self.post_warnings();
-        let outcome = outcome.and_then(|()| {
-            let Job { results, config, .. } = &mut *job;
-            match results {
-                Some(results) => self.collect_results(results, config),
-                // A roboflowresultsrc reads the results: the sink is done.
-                None => Ok(()),
-            }
-        });
+        let outcome = outcome
+            .and_then(|()| self.collect_results(&mut job))
+            // EOS in PAUSED waits for PLAYING, as any sink's does.
+            .and_then(|()| Ok(self.gate.wait_playing()?));
         self.give_back(job);
         outcome
     }
 
     fn finish_upload(&self, job: &mut Job) -> Result<(), Stop> {
         let Job { writer, config, mode, progress, .. } = job;
+        if let Mode::Spooled(spool) = mode
+            && spool.size > 0
+        {
+            // Connected before the spool leaves the job: a flush during
+            // this wait keeps the bytes for the EOS that comes after it.
+            self.wait_connected(writer, config)?;
+        }
         match std::mem::replace(mode, Mode::Undecided) {
             Mode::Undecided => {
-                return Err(Stop::Error(gst::error_msg!(
-                    gst::StreamError::Failed,
-                    ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
-                )));
+                return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
             }
             Mode::Streamed(_) => writer.end()?,
             Mode::Spooled(spool) => self.upload_spool(writer, config, spool, progress)?,
         }
+        self.send_chunks(writer, config)?;
         let stall = config.stall_timeout;
-        let writer_ref = &*writer;
+        let probe = writer.probe();
         self.wait(
             Some(stall),
-            || format!("the last chunks were not accepted by the video_upload channel within {:.1} s (stall-timeout)", stall.as_secs_f64()),
-            || async { writer_ref.sent().await.map_err(|error| error.to_string()) },
+            || {
+                let stats = probe.stats();
+                SessionError::UploadStalled { timeout: stall, sent: stats.chunks_sent, total: stats.total_chunks }
+            },
+            writer.sent(),
         )?;
-        self.progress_message(writer, progress, true);
+        job.uploaded = true;
+        self.progress_message(&job.writer, &mut job.progress, true);
         Ok(())
     }
 
@@ -920,12 +1004,8 @@ impl UploadSink {
     ) -> Result<(), Stop> {
         let size = spool.size;
         if size == 0 {
-            return Err(Stop::Error(gst::error_msg!(
-                gst::StreamError::Failed,
-                ("the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)")
-            )));
+            return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
         }
-        self.wait_connected(writer, config)?;
         writer.begin(size)?;
         let read_error = |err: std::io::Error| failure(format!("reading back the spool file {} failed: {err}", spool.path.display()));
         spool.file.seek(SeekFrom::Start(0)).map_err(read_error)?;
@@ -936,7 +1016,7 @@ impl UploadSink {
             spool.file.read_exact(&mut block[..want]).map_err(read_error)?;
             remaining -= want as u64;
             writer.push(&block[..want])?;
-            self.flush(writer, config)?;
+            self.send_chunks(writer, config)?;
             self.progress_message(writer, progress, false);
         }
         writer.end()?;
@@ -944,18 +1024,25 @@ impl UploadSink {
         Ok(())
     }
 
-    fn collect_results(&self, results: &mut ResultStream, config: &SessionConfig) -> Result<(), Stop> {
-        let probe = results.probe();
-        // Behind an async mutex so that a wait resumed after a pause can
-        // borrow the stream again.
-        let results = tokio::sync::Mutex::new(results);
+    /// Posts every result, unless a roboflowresultsrc takes them: then the
+    /// sink's job ends with the upload, and the pipeline ends when the
+    /// source's branch reaches EOS.
+    fn collect_results(&self, job: &mut Job) -> Result<(), Stop> {
+        let Job { writer, config, results, .. } = job;
+        let Some(results) = results else {
+            return Ok(());
+        };
         let stall = config.stall_timeout;
         loop {
+            // A pause holds the results here; the stall timer only runs
+            // while the element plays.
+            self.gate.wait_playing()?;
             let event = self.wait(
                 Some(stall),
-                || SessionError::ResultsStalled { timeout: stall, results: probe.stats().frames_received }.to_string(),
-                || async { results.lock().await.next().await.map_err(|error| error.to_string()) },
+                || SessionError::ResultsStalled { timeout: stall, results: writer.stats().frames_received },
+                results.next(),
             )?;
+            self.gate.wait_playing()?;
             match event {
                 ResultEvent::Frame(frame) => self.post_inference(&frame),
                 ResultEvent::Complete { frames, .. } => {

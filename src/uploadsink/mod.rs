@@ -1,12 +1,13 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod gate;
 mod imp;
 
 glib::wrapper! {
     /// `roboflowuploadsink`: uploads muxed video bytes to a Roboflow
     /// Inference Server over the `video_upload` data channel.
-    pub struct UploadSink(ObjectSubclass<imp::UploadSink>) @extends gst_base::BaseSink, gst::Element, gst::Object;
+    pub struct UploadSink(ObjectSubclass<imp::UploadSink>) @extends gst::Element, gst::Object;
 }
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
