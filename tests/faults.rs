@@ -275,6 +275,23 @@ fn the_peer_connection_drops_while_results_flow() {
 }
 
 #[test]
+fn a_server_worker_that_dies_mid_job_is_noticed_by_ice_not_by_stall_timeout() {
+    // The worker goes silent after 4 results, as a process killed with
+    // SIGKILL: no close, no abort. The stall timer is set far beyond the
+    // allowed time, so the error can only come from the connection itself
+    // (ICE consent: about 9 s).
+    let text = check(
+        Case::faults(
+            vec![Fault::GoSilentAfterFrames(4)],
+            &["stopped answering", "after 4 results", "its worker process may have died"],
+        )
+        .extra("stall-timeout=60000")
+        .within(Duration::from_secs(20)),
+    );
+    assert!(!text.contains("stall-timeout"), "{text}");
+}
+
+#[test]
 fn processing_complete_never_comes() {
     // All 20 results arrive, then nothing: the result stall, not the upload's.
     check(

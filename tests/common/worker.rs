@@ -220,6 +220,10 @@ pub enum Fault {
     OversizeFrame(usize),
     /// Behave as if FFmpeg could not read the file: zero frames, then `processing_complete`.
     DecodeNothing,
+    /// After this many results (delivered), the worker dies as a process
+    /// does under `kill -9`: no close, no SCTP abort, no DTLS alert; its
+    /// socket goes silent (nothing sent, everything received dropped).
+    GoSilentAfterFrames(u32),
 }
 
 /// What the worker saw and did in one session: one per POST answered with
@@ -310,6 +314,7 @@ impl TestWorker {
     pub fn start(config: WorkerConfig) -> TestWorker {
         let shared = Arc::new(Shared {
             config,
+            silenced: Arc::new(AtomicBool::new(false)),
             sessions: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
         });
@@ -432,6 +437,8 @@ const TRACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Shared {
     config: WorkerConfig,
+    /// Set by [`Fault::GoSilentAfterFrames`]: the sockets send and receive nothing.
+    silenced: Arc<AtomicBool>,
     sessions: Mutex<Vec<Arc<Session>>>,
     requests: Mutex<Vec<RequestRecord>>,
 }
@@ -742,8 +749,10 @@ async fn open_session(
             .map_err(|e| format!("interceptors: {e}"))?;
         builder = builder.with_interceptor_registry(registry);
     }
-    if let Some(delay) = shared.config.upload_read_delay {
-        builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(delay)));
+    let goes_silent = shared.config.has(|f| matches!(f, Fault::GoSilentAfterFrames(_)));
+    if shared.config.upload_read_delay.is_some() || goes_silent {
+        let delay = shared.config.upload_read_delay.unwrap_or_default();
+        builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(delay, shared.silenced.clone())));
     }
     let peer = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
@@ -917,6 +926,8 @@ struct Session {
     declared_fps: Option<f64>,
     /// The returned video track, when one was negotiated (§6).
     track: Option<OutgoingTrack>,
+    /// See [`Fault::GoSilentAfterFrames`].
+    silenced: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -957,6 +968,7 @@ impl Session {
             deadline: tokio::time::Instant::now() + lifetime,
             processing_started: AtomicBool::new(false),
             declared_fps,
+            silenced: shared.silenced.clone(),
         });
         shared.sessions.lock().unwrap().push(session.clone());
         session
@@ -1314,6 +1326,16 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
         });
         if let Some(track) = &session.track {
             send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
+        }
+        let silent_after = session.config.find(|f| match f {
+            Fault::GoSilentAfterFrames(n) => Some(*n),
+            _ => None,
+        });
+        if silent_after.is_some_and(|n| frame_id >= n) {
+            wait_drained(&control).await;
+            session.silenced.store(true, Ordering::Relaxed);
+            // Dead: no more frames, no close, nothing.
+            return;
         }
         let dropped = session.config.find(|f| match f {
             Fault::DropPeerAfterFrames(n) => Some(*n),
@@ -1974,14 +1996,17 @@ impl Drop for JpegEncoder {
 struct ThrottledRuntime {
     inner: TokioRuntime,
     time_per_byte: Duration,
+    silenced: Arc<AtomicBool>,
 }
 
 impl ThrottledRuntime {
-    /// One reference chunk (with its header) per `delay`.
-    fn per_chunk(delay: Duration) -> ThrottledRuntime {
+    /// One reference chunk (with its header) per `delay`; nothing at all
+    /// once `silenced` is set.
+    fn per_chunk(delay: Duration, silenced: Arc<AtomicBool>) -> ThrottledRuntime {
         ThrottledRuntime {
             inner: TokioRuntime,
             time_per_byte: delay / (REFERENCE_CHUNK_SIZE + UPLOAD_HEADER_LEN) as u32,
+            silenced,
         }
     }
 }
@@ -2007,6 +2032,7 @@ impl Runtime for ThrottledRuntime {
         Ok(Arc::new(ThrottledSocket {
             inner,
             time_per_byte: self.time_per_byte,
+            silenced: self.silenced.clone(),
             state: Mutex::new(ThrottleState::default()),
         }))
     }
@@ -2062,6 +2088,7 @@ impl Runtime for ThrottledRuntime {
 struct ThrottledSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     time_per_byte: Duration,
+    silenced: Arc<AtomicBool>,
     state: Mutex<ThrottleState>,
 }
 
@@ -2132,6 +2159,10 @@ impl AsyncUdpSocket for ThrottledSocket {
         cx: &mut Context<'_>,
         transmit: &Transmit<'_>,
     ) -> Poll<std::io::Result<usize>> {
+        if self.silenced.load(Ordering::Relaxed) {
+            // Lost on the way, as to a dead process.
+            return Poll::Ready(Ok(transmit.contents.len()));
+        }
         self.inner.poll_send(cx, transmit)
     }
 
@@ -2147,6 +2178,10 @@ impl AsyncUdpSocket for ThrottledSocket {
     ) -> Poll<std::io::Result<usize>> {
         let mut state = self.state.lock().unwrap();
         let error = self.drain_kernel(cx, &mut state);
+        if self.silenced.load(Ordering::Relaxed) {
+            state.queue.clear();
+            return Poll::Pending;
+        }
         loop {
             if state.queue.is_empty() {
                 return match error {
