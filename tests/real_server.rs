@@ -316,3 +316,135 @@ fn random_bytes_end_with_the_zero_frames_error() {
     let outcome = run(&pipeline, JOB_LIMIT);
     assert!(outcome.error_text().contains("decoded no frames"), "{outcome:?}");
 }
+
+#[test]
+#[ignore = "needs the real server: run scripts/test.sh"]
+fn a_refused_session_is_the_only_error() {
+    // The server's 400 is the job's one ERROR: the EOS filesrc sends after
+    // the refused data must not add "the input is empty" or the like.
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = clip(dir.path(), 5);
+    let spec = dir.path().join("bad.json");
+    std::fs::write(
+        &spec,
+        r#"{"version":"1.0","inputs":[{"type":"InferenceImage","name":"image"}],
+            "steps":[{"type":"roboflow_core/no_such_block@v1","name":"nope","image":"$inputs.image"}],
+            "outputs":[{"type":"JsonField","name":"x","selector":"$steps.nope.x"}]}"#,
+    )
+    .unwrap();
+    let pipeline = launch(&format!(
+        "filesrc location={} ! {} name=sink",
+        clip.display(),
+        sink(&format!("workflow-spec-file={}", spec.display()))
+    ));
+    let (errors, first_is_sink) = sink_errors(&pipeline, "sink");
+    assert!(first_is_sink, "the sink's error comes first");
+    assert_eq!(errors.len(), 1, "one failure, one ERROR: {errors:#?}");
+    assert!(errors[0].contains("refused the session") && errors[0].contains("HTTP 400"), "{}", errors[0]);
+}
+
+#[test]
+#[ignore = "needs the real server: run scripts/test.sh"]
+fn data_output_star_with_a_stream_output_returns_every_frame_and_its_data() {
+    // The server's ["*"] leaves image outputs out; the plugin names the
+    // Workflow's outputs instead, so the streamed image still comes back.
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let frames = 20;
+    let clip = clip(dir.path(), frames);
+    let pipeline = launch(&format!(
+        "filesrc location={} ! {}  roboflowresultsrc name=results session=star ! videoconvert ! appsink name=out sync=false",
+        clip.display(),
+        sink(&format!(
+            "session=star workflow-spec-file={} stream-output=blurred data-output=*",
+            workflow("blur-dominant-color.json").display()
+        ))
+    ));
+    let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let pushed = Arc::new(Mutex::new(0u32));
+    let counter = pushed.clone();
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                *counter.lock().unwrap() += 1;
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let outcome = run(&pipeline, JOB_LIMIT);
+    assert!(outcome.eos, "{outcome:?}");
+    assert_eq!(*pushed.lock().unwrap(), frames, "every frame carries its image");
+    let messages = outcome.named("roboflow-inference");
+    assert_eq!(messages.len(), frames as usize);
+    for message in messages {
+        let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
+        let data = &json["serialized_output_data"];
+        assert_eq!(data["rgb_color"].as_array().map(|a| a.len()), Some(3), "{json}");
+        assert!(data["blurred"]["value"].as_str().is_some_and(|text| text.starts_with("<jpeg")), "{json}");
+    }
+}
+
+/// Live child processes of the local server (its session workers).
+fn server_children() -> Vec<u32> {
+    let port = server().rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    let read = |pid: &str, file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    let server = pids
+        .iter()
+        .find(|pid| {
+            let cmdline = String::from_utf8_lossy(&read(pid, "cmdline")).replace('\0', " ");
+            cmdline.contains("serve.py") && cmdline.contains(&format!("--port {port}"))
+        })
+        .unwrap_or_else(|| panic!("no local server process on port {port}: this test kills one of its workers"))
+        .clone();
+    pids.iter()
+        .filter(|pid| {
+            let stat = String::from_utf8_lossy(&read(pid, "stat")).into_owned();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&read(pid, "cmdline")).into_owned();
+            fields.len() > 2 && fields[1] == server && fields[0] != "Z" && !cmdline.contains("resource_tracker")
+        })
+        .map(|pid| pid.parse().unwrap())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the real server: run scripts/test.sh"]
+fn a_killed_server_worker_is_an_error_within_seconds() {
+    // SIGKILL leaves no close and no abort: only ICE consent tells. The
+    // stall timer is far beyond the run's limit, so the error can only come
+    // from the connection.
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = clip(dir.path(), 300);
+    let before = server_children();
+    let pipeline = launch(&format!(
+        "filesrc location={} ! {}",
+        clip.display(),
+        sink(&format!("workflow-spec-file={} data-output=rgb_color stall-timeout=600000", workflow("blur-dominant-color.json").display()))
+    ));
+    let mut killed: Option<std::time::Instant> = None;
+    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
+        if killed.is_none() && message.structure().is_some_and(|s| s.name() == "roboflow-inference") {
+            let workers: Vec<u32> = server_children().into_iter().filter(|pid| !before.contains(pid)).collect();
+            assert!(!workers.is_empty(), "no worker process of this session found");
+            for pid in workers {
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            killed = Some(std::time::Instant::now());
+        }
+        false
+    });
+    let killed = killed.expect("a first result arrived before the kill");
+    let text = outcome.error_text();
+    assert!(text.contains("stopped answering"), "{outcome:?}");
+    assert!(text.contains("its worker process may have died"), "{text}");
+    assert!(killed.elapsed() < Duration::from_secs(60), "the error came {:?} after the kill", killed.elapsed());
+}

@@ -7,52 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::harness::*;
 use common::worker::{Fault, TestWorker, WorkerConfig};
 use gst::prelude::*;
-
-/// Plays `pipeline` until its first ERROR, sets it to NULL, then drains the
-/// bus; returns the text of every ERROR the element `sink` posted, and
-/// whether the first ERROR on the bus was the sink's.
-fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) {
-    // Keep what was posted around the change to NULL for the count below.
-    pipeline.set_auto_flush_bus(false);
-    let bus = pipeline.bus().unwrap();
-    let is_sink = |message: &gst::Message| message.src().is_some_and(|src| src.name() == sink);
-    let mut errors = Vec::new();
-    let mut first_is_sink = false;
-    let mut count = |message: &gst::Message, errors: &mut Vec<String>| {
-        if let gst::MessageView::Error(err) = message.view() {
-            if errors.is_empty() && !first_is_sink {
-                first_is_sink = is_sink(message);
-            }
-            if is_sink(message) {
-                errors.push(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
-            }
-            return true;
-        }
-        false
-    };
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut failed = false;
-    while !failed && Instant::now() < deadline {
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
-        assert!(!matches!(message.view(), gst::MessageView::Eos(_)), "EOS instead of an error");
-        failed = count(&message, &mut errors);
-    }
-    assert!(failed, "no error within 30 s");
-    // Upstream's reaction to the failure (its error, its EOS) comes now.
-    std::thread::sleep(Duration::from_millis(300));
-    pipeline.set_state(gst::State::Null).unwrap();
-    for _ in 0..10_000 {
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(300)) else { break };
-        count(&message, &mut errors);
-    }
-    (errors, first_is_sink)
-}
 
 fn streamed_upload(input: &std::path::Path, worker: &TestWorker, extra: &str) -> gst::Pipeline {
     launch(&format!(
