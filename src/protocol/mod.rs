@@ -6,6 +6,7 @@
 pub mod keepalive;
 pub mod messages;
 pub mod results;
+pub mod rtp_pairing;
 pub mod upload;
 
 pub use keepalive::{AckTracker, DEFAULT_KEEPALIVE_INTERVAL, KeepaliveTracker};
