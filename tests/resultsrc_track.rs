@@ -145,3 +145,28 @@ fn frames_the_codec_never_sends_are_counted_not_guessed() {
     assert_eq!(summary.get::<u64>("frames-received").unwrap(), 30);
     assert_eq!(summary.get::<u64>("frames-paired").unwrap(), 20);
 }
+
+#[test]
+fn rtp_racing_its_json_still_pairs_every_frame() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    // No encoder latency: a frame's RTP can reach the client before its JSON.
+    // The race goes either way, so several sessions.
+    let worker = TestWorker::start(WorkerConfig { track_encode_latency: Duration::ZERO, ..Default::default() });
+    for run_index in 0..4 {
+        let session = format!("track-race{run_index}");
+        let pipeline = launch(&format!(
+            "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+             roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
+            clip.display(),
+            sink_properties(&worker.url())
+        ));
+        let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+        let outcome = run(&pipeline, Duration::from_secs(90));
+        assert!(outcome.eos, "run {run_index}: {:?}", outcome.error);
+        let summary = outcome.named("roboflow-result-summary");
+        assert_eq!(summary.len(), 1, "run {run_index}");
+        check_all_paired(&received.lock().unwrap(), 30, summary[0]);
+    }
+}
