@@ -1,10 +1,33 @@
 // The element messages the plugin posts on the bus.
 
 use crate::protocol::redact_images;
-use crate::session::FrameEvent;
+use std::time::Duration;
+
+use crate::session::{FrameEvent, SessionStats};
 
 pub const PROGRESS_MESSAGE: &str = "roboflow-upload-progress";
 pub const INFERENCE_MESSAGE: &str = "roboflow-inference";
+/// Posted once by roboflowresultsrc at EOS: its final `stats`.
+pub const SUMMARY_MESSAGE: &str = "roboflow-result-summary";
+
+/// The `roboflow-upload-progress` message body.
+pub fn progress_structure(stats: &SessionStats, percent: u64, elapsed: Duration, last: bool) -> gst::Structure {
+    gst::Structure::builder(PROGRESS_MESSAGE)
+        .field("uploaded-bytes", stats.bytes_sent)
+        .field("total-bytes", stats.total_bytes)
+        .field("uploaded-chunks", stats.chunks_sent)
+        .field("total-chunks", stats.total_chunks)
+        .field("percent", percent as f64)
+        .field("elapsed", gst::ClockTime::from_nseconds(elapsed.as_nanos() as u64))
+        .field("final", last)
+        .build()
+}
+
+/// The `roboflow-result-summary` message body: the source's final stats.
+pub fn summary_structure(mut stats: gst::Structure) -> gst::Structure {
+    stats.set_name(SUMMARY_MESSAGE);
+    stats
+}
 
 /// The `roboflow-inference` message body for one frame.
 ///

@@ -5,16 +5,17 @@
 
 use gst::glib;
 
-pub mod bus;
-pub mod config;
-pub mod protocol;
-pub mod runtime;
-pub mod session;
-pub mod signalling;
+mod bus;
+mod config;
+mod protocol;
 mod resultsrc;
+mod runtime;
+mod session;
+mod signalling;
 mod uploadsink;
 
 pub use resultsrc::{META_NAME, ResultSrc};
+pub use runtime::live_tasks;
 pub use uploadsink::UploadSink;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use futures::future::{AbortHandle, AbortRegistration, Abortable};
+use futures::future::{AbortHandle, Abortable};
 
 /// One runtime for every element and session of the plugin: webrtc-rs spawns
 /// its drivers on the ambient tokio runtime, so everything that touches a peer
@@ -35,7 +35,7 @@ pub enum WaitError {
 
 /// The pending wait of one element, so that `unlock()` can abort it.
 #[derive(Debug, Default)]
-pub enum Canceller {
+enum Canceller {
     #[default]
     Idle,
     Waiting(AbortHandle),
@@ -43,34 +43,26 @@ pub enum Canceller {
     Cancelled,
 }
 
-impl Canceller {
-    pub fn cancel(&mut self) {
-        if let Canceller::Waiting(handle) = self {
-            handle.abort();
-        }
-        *self = Canceller::Cancelled;
-    }
-
-    pub fn reset(&mut self) {
-        if matches!(self, Canceller::Cancelled) {
-            *self = Canceller::Idle;
-        }
-    }
-}
-
 /// The cancellable waits of one element's streaming thread: `unlock()`
 /// aborts the pending wait and fails the next ones until `unlock_stop()`,
-/// as GstBaseSink/GstBaseSrc expect of their unlock virtual methods.
+/// as GstBaseSrc expects of its unlock virtual methods.
 #[derive(Debug, Default)]
 pub struct Waits(Mutex<Canceller>);
 
 impl Waits {
     pub fn unlock(&self) {
-        self.0.lock().unwrap().cancel();
+        let mut canceller = self.0.lock().unwrap();
+        if let Canceller::Waiting(handle) = &*canceller {
+            handle.abort();
+        }
+        *canceller = Canceller::Cancelled;
     }
 
     pub fn unlock_stop(&self) {
-        self.0.lock().unwrap().reset();
+        let mut canceller = self.0.lock().unwrap();
+        if matches!(*canceller, Canceller::Cancelled) {
+            *canceller = Canceller::Idle;
+        }
     }
 
     /// Runs `future` on the plugin runtime from a non-runtime thread,
@@ -80,43 +72,15 @@ impl Waits {
         F: Future<Output = T> + Send,
         T: Send,
     {
-        self.arm()?.block(timeout, future)
-    }
-
-    /// The first half of [`Waits::run`]: registers the wait, so that an
-    /// unlock() from now on aborts it, or fails at once when unlock() came
-    /// first. For a thread that must release a lock between the two halves
-    /// (an unlock_stop() taken under that lock could otherwise re-arm the
-    /// canceller before the wait begins, and the unlock would be lost).
-    pub fn arm(&self) -> Result<Armed<'_>, WaitError> {
         let (handle, registration) = AbortHandle::new_pair();
-        let mut canceller = self.0.lock().unwrap();
-        if matches!(*canceller, Canceller::Cancelled) {
-            return Err(WaitError::Cancelled);
+        {
+            let mut canceller = self.0.lock().unwrap();
+            if matches!(*canceller, Canceller::Cancelled) {
+                return Err(WaitError::Cancelled);
+            }
+            *canceller = Canceller::Waiting(handle);
         }
-        *canceller = Canceller::Waiting(handle);
-        Ok(Armed { waits: self, registration })
-    }
-
-    /// True between unlock() and unlock_stop().
-    pub fn is_cancelled(&self) -> bool {
-        matches!(*self.0.lock().unwrap(), Canceller::Cancelled)
-    }
-}
-
-/// A wait registered by [`Waits::arm`], ready to block.
-pub struct Armed<'a> {
-    waits: &'a Waits,
-    registration: AbortRegistration,
-}
-
-impl Armed<'_> {
-    pub fn block<F, T>(self, timeout: Option<Duration>, future: F) -> Result<T, WaitError>
-    where
-        F: Future<Output = T> + Send,
-        T: Send,
-    {
-        let abortable = Abortable::new(future, self.registration);
+        let abortable = Abortable::new(future, registration);
         let outcome = RUNTIME.block_on(async move {
             match timeout {
                 Some(limit) => match tokio::time::timeout(limit, abortable).await {
@@ -127,7 +91,7 @@ impl Armed<'_> {
                 None => abortable.await.map_err(|_aborted| WaitError::Cancelled),
             }
         });
-        let mut canceller = self.waits.0.lock().unwrap();
+        let mut canceller = self.0.lock().unwrap();
         if matches!(*canceller, Canceller::Waiting(_)) {
             *canceller = Canceller::Idle;
         }
@@ -150,30 +114,6 @@ mod tests {
         let limit = Duration::from_millis(20);
         let outcome = Waits::default().run(Some(limit), futures::future::pending::<()>());
         assert_eq!(outcome, Err(WaitError::TimedOut(limit)));
-    }
-
-    #[test]
-    fn an_unlock_after_arming_aborts_the_wait_even_after_unlock_stop() {
-        // The sink arms, releases its lock, then blocks: unlock() and
-        // unlock_stop() may both come in between.
-        let waits = Waits::default();
-        let armed = waits.arm().unwrap();
-        waits.unlock();
-        waits.unlock_stop();
-        let outcome = armed.block(Some(Duration::from_secs(10)), futures::future::pending::<()>());
-        assert_eq!(outcome, Err(WaitError::Cancelled));
-        assert!(!waits.is_cancelled());
-        assert_eq!(waits.run(None, async { 3 }), Ok(3));
-    }
-
-    #[test]
-    fn arming_after_unlock_fails_until_unlock_stop() {
-        let waits = Waits::default();
-        waits.unlock();
-        assert!(waits.is_cancelled());
-        assert!(matches!(waits.arm(), Err(WaitError::Cancelled)));
-        waits.unlock_stop();
-        assert!(waits.arm().is_ok());
     }
 
     #[test]

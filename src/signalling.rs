@@ -54,13 +54,35 @@ pub fn endpoint(config: &SessionConfig) -> String {
     format!("{base}/{INITIALISE_PATH}")
 }
 
-/// Posts the offer and returns the server's SDP answer. Errors are complete
-/// sentences for the user, with the server's own explanation when it gave one.
+/// Why the offer/answer exchange failed; each a complete sentence for the
+/// user, with the server's own explanation when it gave one.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SignallingError {
+    #[error(
+        "the Roboflow Inference Server at {url} did not answer within {seconds:.1} s (raise connect-timeout if the server is slow to start its worker)"
+    )]
+    Timeout { url: String, seconds: f64 },
+    #[error("could not connect to the Roboflow Inference Server at {url}: {detail}; is it running? (api-url)")]
+    Unreachable { url: String, detail: String },
+    #[error("the request to {url} failed: {detail}")]
+    RequestFailed { url: String, detail: String },
+    #[error("reading the answer of {url} failed: {detail}")]
+    ReadFailed { url: String, detail: String },
+    /// An HTTP error status; `description` holds the status and the body's message.
+    #[error("the server at {url} refused the session: {description}")]
+    Refused { url: String, description: String },
+    #[error("the server at {url} answered HTTP {status} without a usable SDP answer ({detail}): {description}")]
+    NoAnswer { url: String, status: u16, detail: String, description: String },
+    #[error("the server at {url} answered with type '{kind}' and {sdp_bytes} bytes of SDP, not an SDP answer")]
+    NotAnAnswer { url: String, kind: String, sdp_bytes: usize },
+}
+
+/// Posts the offer and returns the server's SDP answer.
 pub async fn exchange(
     config: &SessionConfig,
     offer_sdp: String,
     timeout: Duration,
-) -> Result<String, String> {
+) -> Result<String, SignallingError> {
     let url = endpoint(config);
     let request = build_request(config, offer_sdp);
     let mut post = HTTP.post(&url).timeout(timeout).json(&request);
@@ -71,44 +93,31 @@ pub async fn exchange(
     }
 
     let response = post.send().await.map_err(|err| {
+        let url = url.clone();
         if err.is_timeout() {
-            format!(
-                "the Roboflow Inference Server at {url} did not answer within {:.1} s (raise connect-timeout if the server is slow to start its worker)",
-                timeout.as_secs_f64()
-            )
+            SignallingError::Timeout { url, seconds: timeout.as_secs_f64() }
         } else if err.is_connect() {
-            format!(
-                "could not connect to the Roboflow Inference Server at {url}: {}; is it running? (api-url)",
-                error_chain(&err)
-            )
+            SignallingError::Unreachable { url, detail: error_chain(&err) }
         } else {
-            format!("the request to {url} failed: {}", error_chain(&err))
+            SignallingError::RequestFailed { url, detail: error_chain(&err) }
         }
     })?;
     let status = response.status();
     let body = response
         .bytes()
         .await
-        .map_err(|err| format!("reading the answer of {url} failed: {}", error_chain(&err)))?;
+        .map_err(|err| SignallingError::ReadFailed { url: url.clone(), detail: error_chain(&err) })?;
     if !status.is_success() {
-        return Err(format!(
-            "the server at {url} refused the session: {}",
-            describe_error_body(status.as_u16(), &body)
-        ));
+        return Err(SignallingError::Refused { url, description: describe_error_body(status.as_u16(), &body) });
     }
-    let answer: InitialiseAnswer = serde_json::from_slice(&body).map_err(|err| {
-        format!(
-            "the server at {url} answered HTTP {} without a usable SDP answer ({err}): {}",
-            status.as_u16(),
-            describe_error_body(status.as_u16(), &body)
-        )
+    let answer: InitialiseAnswer = serde_json::from_slice(&body).map_err(|err| SignallingError::NoAnswer {
+        url: url.clone(),
+        status: status.as_u16(),
+        detail: err.to_string(),
+        description: describe_error_body(status.as_u16(), &body),
     })?;
     if answer.kind != "answer" || answer.sdp.trim().is_empty() {
-        return Err(format!(
-            "the server at {url} answered with type '{}' and {} bytes of SDP, not an SDP answer",
-            answer.kind,
-            answer.sdp.len()
-        ));
+        return Err(SignallingError::NotAnAnswer { url, kind: answer.kind, sdp_bytes: answer.sdp.len() });
     }
     Ok(answer.sdp)
 }

@@ -85,7 +85,7 @@ fn make_input(input: &Input, dir: &Path) -> PathBuf {
 fn tasks_settle(baseline: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let live = gstroboflow::runtime::live_tasks();
+        let live = gstroboflow::live_tasks();
         if live <= baseline || Instant::now() > deadline {
             return live;
         }
@@ -97,7 +97,7 @@ fn tasks_settle(baseline: usize) -> usize {
 fn check(case: Case) -> String {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     init();
-    let baseline = gstroboflow::runtime::live_tasks();
+    let baseline = gstroboflow::live_tasks();
     let dir = tempfile::tempdir().unwrap();
     let spool = tempfile::tempdir().unwrap();
     let input = make_input(&case.input, dir.path());
@@ -460,7 +460,7 @@ fn missing_keepalive_echoes_are_a_warning_not_an_error() {
 fn null_during(phase: &str, worker: WorkerConfig, ready: impl Fn(&gst::Message) -> bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     init();
-    let baseline = gstroboflow::runtime::live_tasks();
+    let baseline = gstroboflow::live_tasks();
     let dir = tempfile::tempdir().unwrap();
     let spool = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 60, 320, 240);

@@ -137,7 +137,9 @@ fn across_two_pipelines(config: WorkerConfig, session: &str) {
     ));
     let source = launch(&format!("roboflowresultsrc name=results session={session} {SOURCE_TAIL}"));
     let received = collect(&source.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
-    // The sink starts first this time; the source attaches before its upload ends.
+    // The source claims the session's results in READY, before the sink
+    // starts; then the upload pipeline runs first.
+    source.set_state(gst::State::Ready).unwrap();
     let upload_thread = std::thread::spawn(move || run(&upload, Duration::from_secs(90)));
     let source_outcome = run(&source, Duration::from_secs(90));
     let upload_outcome = upload_thread.join().unwrap();
@@ -185,4 +187,29 @@ fn codec_gaps(config: WorkerConfig, session: &str) {
     let summary = outcome.named("roboflow-result-summary")[0];
     assert_eq!(summary.get::<u64>("frames-received").unwrap(), 30);
     assert_eq!(summary.get::<u64>("frames-paired").unwrap(), 20);
+}
+
+#[test]
+fn rtp_racing_its_json_still_pairs_every_frame() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    // No encoder latency: a frame's RTP can reach the client before its JSON.
+    // The race goes either way, so several sessions.
+    let worker = TestWorker::start(WorkerConfig { track_encode_latency: Duration::ZERO, ..Default::default() });
+    for run_index in 0..4 {
+        let session = format!("track-race{run_index}");
+        let pipeline = launch(&format!(
+            "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+             roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
+            clip.display(),
+            sink_properties(&worker.url())
+        ));
+        let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+        let outcome = run(&pipeline, Duration::from_secs(90));
+        assert!(outcome.eos, "run {run_index}: {:?}", outcome.error);
+        let summary = outcome.named("roboflow-result-summary");
+        assert_eq!(summary.len(), 1, "run {run_index}");
+        check_all_paired(&received.lock().unwrap(), 30, summary[0]);
+    }
 }

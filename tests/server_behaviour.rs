@@ -394,8 +394,6 @@ fn track_pictures_carry_their_own_results() {
 }
 
 #[test]
-#[ignore = "needs the re-anchoring fix in src/resultsrc/framesrc.rs (RtpClock): when frame 1's RTP is lost, \
-            the first packet is anchored to frame 1's pts and every picture pairs with the previous frame's result"]
 fn track_whose_first_frame_is_lost_still_pairs_each_picture_with_its_own_result() {
     track_pairs_by_content(WorkerConfig { track_lose_first_frame: true, ..Default::default() }, "first-lost");
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::harness::*;
 use common::worker::{Fault, TestWorker, WorkerConfig};

@@ -12,10 +12,10 @@ mod settings;
 mod workflow;
 
 pub use crate::protocol::{DEFAULT_IMAGE_INPUT_NAME, IceServer, WorkflowSource};
-pub use network::{AUTO_SCTP_MTU, MAX_SCTP_MTU, MIN_SCTP_MTU};
+pub use network::{AUTO_SCTP_MTU, MAX_SCTP_MTU};
 pub use session_config::SessionConfig;
 pub use settings::{
-    API_KEY_ENV, ApiKeyTransport, DEFAULT_API_URL, DEFAULT_BUFFER_LIMIT, DEFAULT_CHUNK_SIZE_U32,
+    ApiKeyTransport, DEFAULT_API_URL, DEFAULT_BUFFER_LIMIT, DEFAULT_CHUNK_SIZE_U32,
     DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_MAX_RESULT_SIZE,
     DEFAULT_STALL_TIMEOUT_MS, MAX_CHUNK_SIZE_U32, MIN_BUFFER_LIMIT, MIN_CHUNK_SIZE,
     MIN_MAX_RESULT_SIZE, UploadMode, UploadSettings, VideoTransport,

@@ -26,11 +26,13 @@ pub struct FrameResult {
 
 impl FrameResult {
     /// Parses a reassembled (decompressed) result document.
+    #[cfg(test)]
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(json)
     }
 
     /// The server's frame number (1-based), if present.
+    #[cfg(test)]
     pub fn frame_id(&self) -> Option<u64> {
         self.video_metadata.as_ref().and_then(|m| m.frame_id)
     }
@@ -59,11 +61,6 @@ impl VideoMetadata {
         Some(self.pts? as f64 * self.time_base?)
     }
 
-    /// The frame's presentation time in whole nanoseconds (see
-    /// [`pts_seconds_to_ns`]).
-    pub fn pts_ns(&self) -> Option<u64> {
-        self.pts_seconds().and_then(pts_seconds_to_ns)
-    }
 }
 
 /// A presentation time in seconds as whole nanoseconds, for a buffer
@@ -211,7 +208,7 @@ mod tests {
             }
         );
         assert_eq!(metadata.pts_seconds(), Some(4.0));
-        assert_eq!(metadata.pts_ns(), Some(4_000_000_000));
+        assert_eq!(metadata.pts_seconds().and_then(pts_seconds_to_ns), Some(4_000_000_000));
         assert_eq!(result.frame_id(), Some(17));
         assert_eq!(result.errors, vec!["step x failed".to_owned()]);
         assert!(!result.processing_complete);
@@ -251,7 +248,7 @@ mod tests {
             ..VideoMetadata::default()
         };
         assert_eq!(partial.pts_seconds(), None);
-        assert_eq!(partial.pts_ns(), None);
+        assert_eq!(partial.pts_seconds().and_then(pts_seconds_to_ns), None);
     }
 
     #[test]

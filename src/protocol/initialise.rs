@@ -42,6 +42,7 @@ impl InitialiseRequest {
     /// A request for a file upload with everything optional left out:
     /// no key, no ICE servers, batch processing (`webrtc_realtime_processing`
     /// false), `stream_output` and `data_output` null.
+    #[cfg(test)]
     pub fn new(
         workflow_configuration: WorkflowConfiguration,
         offer_sdp: impl Into<String>,
@@ -113,6 +114,7 @@ pub struct WorkflowConfiguration {
 pub const DEFAULT_IMAGE_INPUT_NAME: &str = "image";
 
 impl WorkflowConfiguration {
+    #[cfg(test)]
     pub fn from_specification(specification: Value) -> Self {
         WorkflowConfiguration {
             source: WorkflowSource::Specification(specification),
@@ -121,6 +123,7 @@ impl WorkflowConfiguration {
         }
     }
 
+    #[cfg(test)]
     pub fn from_stored(
         workspace_name: impl Into<String>,
         workflow_id: impl Into<String>,

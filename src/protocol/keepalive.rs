@@ -40,10 +40,6 @@ impl KeepaliveTracker {
         }
     }
 
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     pub fn is_enabled(&self) -> bool {
         !self.interval.is_zero()
     }
@@ -109,6 +105,7 @@ impl KeepaliveTracker {
     }
 
     /// Echoes that arrived with no keepalive outstanding.
+    #[cfg(test)]
     pub fn unmatched_echoes(&self) -> u64 {
         self.unmatched_echoes
     }
@@ -151,6 +148,7 @@ pub struct AckTracker {
 }
 
 impl AckTracker {
+    #[cfg(test)]
     pub fn new() -> Self {
         AckTracker::default()
     }
@@ -186,6 +184,7 @@ impl AckTracker {
 
     /// Declares every frame up to `frame_id` handled, for a gap the caller
     /// knows will never fill. Returns the new ack, if it moved.
+    #[cfg(test)]
     pub fn ack_through(&mut self, frame_id: u64) -> Option<u64> {
         if frame_id <= self.contiguous {
             return None;
@@ -199,11 +198,13 @@ impl AckTracker {
     }
 
     /// Highest N such that frames 1..=N are handled (0 before the first).
+    #[cfg(test)]
     pub fn handled(&self) -> u64 {
         self.contiguous
     }
 
     /// Handled frames waiting for a gap below them to fill.
+    #[cfg(test)]
     pub fn waiting_for_gap(&self) -> usize {
         self.ahead.len()
     }

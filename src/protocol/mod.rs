@@ -8,22 +8,13 @@ pub mod frame;
 pub mod initialise;
 pub mod keepalive;
 pub mod results;
+pub mod rtp_pairing;
 pub mod upload;
 
 pub use error_body::describe_error_body;
-pub use frame::{
-    FrameResult, VideoMetadata, ack_message, find_image, pts_seconds_to_ns, redact_images,
-};
+pub use frame::{FrameResult, ack_message, find_image, pts_seconds_to_ns, redact_images};
 pub use initialise::{
     DEFAULT_IMAGE_INPUT_NAME, IceServer, InitialiseAnswer, InitialiseRequest,
     SessionDescriptionJson, WebrtcConfig, WorkflowConfiguration, WorkflowSource,
 };
-pub use keepalive::{AckTracker, DEFAULT_KEEPALIVE_INTERVAL, KeepaliveTracker};
-pub use results::{
-    CompletedResult, RESULT_HEADER_LEN, ReassemblyLimits, ResultError, ResultReassembler,
-    decode_result_header, encode_result_header, is_gzip,
-};
-pub use upload::{
-    DEFAULT_CHUNK_SIZE, KEEPALIVE_MESSAGE, MAX_CHUNK_SIZE, UPLOAD_HEADER_LEN, UploadError,
-    UploadFramer, decode_upload_header, encode_upload_header, is_keepalive, total_chunks,
-};
+pub use keepalive::DEFAULT_KEEPALIVE_INTERVAL;

@@ -28,6 +28,7 @@ pub const RECENTLY_FINISHED_CAPACITY: usize = 256;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The 12-byte result header: frame id, chunk index, total chunks, u32 LE each.
+#[cfg(test)]
 pub fn encode_result_header(
     frame_id: u32,
     chunk_index: u32,
@@ -295,22 +296,22 @@ impl ResultReassembler {
         }
     }
 
-    pub fn limits(&self) -> &ReassemblyLimits {
-        &self.limits
-    }
 
     /// Frames with some but not all chunks received.
+    #[cfg(test)]
     pub fn frames_in_flight(&self) -> usize {
         self.partial.len()
     }
 
     /// Chunks ignored because their frame already held that index, or was
     /// already finished (delivered or dropped after an error).
+    #[cfg(test)]
     pub fn duplicates_ignored(&self) -> u64 {
         self.duplicates_ignored
     }
 
     /// Bytes held in partial frames.
+    #[cfg(test)]
     pub fn bytes_in_flight(&self) -> usize {
         self.partial.values().map(|p| p.bytes).sum()
     }

@@ -86,6 +86,7 @@ pub fn encode_upload_header(chunk_index: u32, total_chunks: u32) -> [u8; UPLOAD_
 
 /// Reads `(chunk_index, total_chunks)` from an upload message, or `None` when
 /// the message is shorter than the header (a keepalive, for instance).
+#[cfg(test)]
 pub fn decode_upload_header(message: &[u8]) -> Option<(u32, u32)> {
     let header: &[u8; UPLOAD_HEADER_LEN] = message.get(..UPLOAD_HEADER_LEN)?.try_into().ok()?;
     let chunk_index = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -207,11 +208,13 @@ impl UploadFramer {
     }
 
     /// Number of complete messages returned so far.
+    #[cfg(test)]
     pub fn chunks_emitted(&self) -> u32 {
         self.chunks_emitted
     }
 
     /// Input bytes consumed so far (including those of a partly filled message).
+    #[cfg(test)]
     pub fn bytes_consumed(&self) -> u64 {
         self.bytes_consumed
     }
@@ -221,12 +224,9 @@ impl UploadFramer {
         self.total_bytes
     }
 
-    /// The payload size of every chunk but the last.
-    pub fn chunk_size(&self) -> usize {
-        self.chunk_size
-    }
 
     /// True once every byte arrived and every message was returned.
+    #[cfg(test)]
     pub fn is_complete(&self) -> bool {
         self.chunks_emitted == self.total_chunks
     }

@@ -7,6 +7,10 @@
 // RTP track. The queue is the bounded queue of the flow control: while it is
 // full the frame source does not read further results, its acks stop, and
 // the server waits. With realtime processing it leaks its oldest frames.
+//
+// A JPEG frame carries its result from the frame source on; a decoded track
+// frame carries its result's exact pts, and the tail looks the result up
+// (the frame source held the frame's packets until the result was there).
 
 use std::sync::atomic::Ordering;
 use std::sync::{LazyLock, Mutex};
@@ -16,17 +20,11 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
-use super::framesrc::{CAT, FrameSrcElement, Params, Shared};
 use super::META_NAME;
+use super::framesrc::{self, CAT, DEFAULT_MAX_QUEUED_FRAMES, FrameSrcElement, Params, Shared};
 use crate::session::registry;
-
-const DEFAULT_MAX_QUEUED_FRAMES: u32 = 8;
-/// Posted once at EOS with the final `stats`.
-pub const SUMMARY_MESSAGE: &str = "roboflow-result-summary";
 /// Bound of the packet queue in track transport (about 4 s of 720p video).
 const TRACK_QUEUE_BYTES: u32 = 8 << 20;
-/// How long a decoded track frame may wait for its result to arrive.
-const PAIRING_WAIT: Duration = Duration::from_millis(60);
 
 pub struct ResultSrc {
     framesrc: FrameSrcElement,
@@ -209,21 +207,6 @@ impl ElementImpl for ResultSrc {
 
 impl BinImpl for ResultSrc {}
 
-/// The result for video at `pts`. A track frame can be decoded before its
-/// JSON arrives (the two travel apart), so an unmatched frame waits briefly.
-fn take_pairing(shared: &Shared, pts: u64) -> Option<(u64, String)> {
-    let deadline = std::time::Instant::now() + PAIRING_WAIT;
-    loop {
-        if let Some(entry) = shared.pairing.lock().unwrap().take(pts) {
-            return Some(entry);
-        }
-        if std::time::Instant::now() >= deadline || shared.pairing.lock().unwrap().is_exact() {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 impl ResultSrc {
     fn reset_counters(&self) {
         let counters = &self.shared.counters;
@@ -238,7 +221,7 @@ impl ResultSrc {
         ] {
             counter.store(0, Ordering::Relaxed);
         }
-        *self.shared.pairing.lock().unwrap() = Default::default();
+        *self.shared.results.lock().unwrap() = Default::default();
         *self.shared.session.lock().unwrap() = None;
     }
 
@@ -248,9 +231,8 @@ impl ResultSrc {
         let left = counters.buffers_left_queue.load(Ordering::Relaxed);
         let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
         let dropped = if self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
-        let session = self.shared.session.lock().unwrap().clone();
-        let packets_dropped = session.as_ref().map_or(0, |s| s.track_packets_dropped());
-        let acks_sent = session.as_ref().map_or(0, |s| s.stats().acks_sent);
+        let packets_dropped = framesrc::track_packets_dropped(&self.shared);
+        let acks_sent = framesrc::acks_sent(&self.shared);
         gst::Structure::builder("roboflow-result-stats")
             .field("frames-received", counters.frames_received.load(Ordering::Relaxed))
             .field("frames-pushed", counters.frames_pushed.load(Ordering::Relaxed))
@@ -278,8 +260,7 @@ impl ResultSrc {
                 && event.type_() == gst::EventType::Eos
                 && let Some(obj) = weak.upgrade()
             {
-                let mut summary = obj.imp().stats();
-                summary.set_name(SUMMARY_MESSAGE);
+                let summary = crate::bus::summary_structure(obj.imp().stats());
                 gst::info!(CAT, obj = obj, "results done: {summary}");
                 let message = gst::message::Element::builder(summary).src(&obj).build();
                 let _ = obj.post_message(message);
@@ -287,28 +268,25 @@ impl ResultSrc {
             gst::PadProbeReturn::Ok
         });
 
-        // Every frame that leaves the bin gets its JSON as a meta.
+        // Every frame leaves the bin with its result as a meta: a JPEG frame
+        // brought it along; a track frame's is looked up by its pts, never
+        // waited for (the frame source held the frame until it was there).
         let shared = self.shared.clone();
         let weak = self.obj().downgrade();
         self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
             if let Some(buffer) = info.buffer_mut() {
                 shared.counters.frames_pushed.fetch_add(1, Ordering::Relaxed);
-                let entry = buffer.pts().and_then(|pts| take_pairing(&shared, pts.nseconds()));
-                match entry {
-                    Some((frame_id, json)) => {
-                        shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
-                        let buffer = buffer.make_mut();
-                        if let Ok(mut meta) = gst::meta::CustomMeta::add(buffer, META_NAME) {
-                            let structure = meta.mut_structure();
-                            structure.set("json", json);
-                            structure.set("frame-id", frame_id);
-                        }
-                    }
-                    None => {
-                        shared.counters.frames_unpaired.fetch_add(1, Ordering::Relaxed);
-                        if let Some(obj) = weak.upgrade() {
-                            gst::debug!(CAT, obj = obj, "no result pairs with the frame at {:?}", buffer.pts());
-                        }
+                let paired = gst::meta::CustomMeta::from_buffer(buffer, META_NAME).is_ok()
+                    || buffer
+                        .pts()
+                        .and_then(|pts| shared.results.lock().unwrap().take(pts.nseconds()))
+                        .is_some_and(|result| result.attach(buffer.make_mut()));
+                if paired {
+                    shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    shared.counters.frames_unpaired.fetch_add(1, Ordering::Relaxed);
+                    if let Some(obj) = weak.upgrade() {
+                        gst::debug!(CAT, obj = obj, "no result pairs with the frame at {:?}", buffer.pts());
                     }
                 }
             }
@@ -340,16 +318,13 @@ impl ResultSrc {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // Track pairing tolerates half a frame; JPEG frames pair exactly.
+        // A decoded track frame carries its result's exact pts; half a
+        // frame of slack covers a decoder that rounds it.
         let fps = structure.get::<gst::Fraction>("framerate").ok().filter(|f| f.numer() > 0);
-        {
-            let mut pairing = self.shared.pairing.lock().unwrap();
-            pairing.tolerance = match fps {
-                Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
-                None => 16_666_666,
-            };
-            pairing.exact = structure.name() == "image/jpeg";
-        }
+        self.shared.results.lock().unwrap().tolerance_ns = match fps {
+            Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
+            None => 16_666_666,
+        };
         self.configure_queue(structure.name() == "application/x-rtp", self.shared.realtime.load(Ordering::Relaxed));
         let obj = self.obj();
         obj.add_many(&elements).map_err(|err| err.to_string())?;

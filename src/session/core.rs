@@ -226,6 +226,7 @@ impl SessionCore {
         self.state
     }
 
+    #[cfg(test)]
     pub fn failure(&self) -> Option<&SessionError> {
         self.failure.as_ref()
     }

@@ -427,8 +427,7 @@ impl Shared {
         self.set_stage("waiting for the server's SDP answer");
         let answer_sdp = self
             .unless_closed(signalling::exchange(&config, offer.sdp, config.connect_timeout))
-            .await?
-            .map_err(SessionError::Signalling)?;
+            .await??;
         let answer =
             RTCSessionDescription::answer(answer_sdp).map_err(|err| SessionError::AnswerMalformed(err.to_string()))?;
         peer.set_remote_description(answer)

@@ -47,17 +47,8 @@ impl UploadWriter {
         &self.shared.name
     }
 
-    pub fn config(&self) -> &SessionConfig {
-        &self.shared.config
-    }
-
     pub fn stats(&self) -> SessionStats {
         self.shared.stats()
-    }
-
-    /// Warnings gathered since the last call (e.g. keepalives without echo).
-    pub fn take_warnings(&self) -> Vec<String> {
-        self.shared.take_warnings()
     }
 
     /// Waits until both data channels are open.

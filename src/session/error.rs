@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::protocol::results::ResultError;
+use crate::signalling::SignallingError;
 
 /// Names the property that raises the limit a result ran into.
 fn size_limit_hint(error: &ResultError) -> &'static str {
@@ -21,9 +22,9 @@ fn seconds(duration: &Duration) -> String {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SessionError {
     /// The HTTP offer/answer failed; the text names the URL and the server's
-    /// own explanation (signalling.rs).
-    #[error("{0}")]
-    Signalling(String),
+    /// own explanation.
+    #[error(transparent)]
+    Signalling(#[from] SignallingError),
 
     /// A local WebRTC step failed before anything reached the server.
     #[error("{what}: {detail}")]
@@ -107,6 +108,15 @@ pub enum SessionError {
 
     #[error("session name '{session}' is already used by another running roboflowuploadsink; give each sink its own 'session'")]
     NameInUse { session: String },
+
+    /// A roboflowresultsrc came after the sink had started the session.
+    #[error(
+        "the results of session '{session}' already go to its roboflowuploadsink, which started before this roboflowresultsrc: bring the result source to READY before the sink's pipeline goes to PAUSED"
+    )]
+    ResultsTaken { session: String },
+
+    #[error("another roboflowresultsrc already reads the results of session '{session}'")]
+    ResultsClaimed { session: String },
 
     #[error("the session was closed")]
     Closed,

@@ -15,8 +15,8 @@ pub mod registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use self::core::{FrameEvent, ResultEvent, SessionStats, State};
-pub use driver::{CONTROL_CHANNEL, TrackItem, UPLOAD_CHANNEL};
+pub use self::core::{FrameEvent, ResultEvent, SessionStats};
+pub use driver::TrackItem;
 pub use endpoints::{ResultStream, SessionProbe, UploadWriter};
 pub use error::SessionError;
 

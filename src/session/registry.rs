@@ -59,17 +59,14 @@ impl Drop for Claim {
 }
 
 /// Claims the results of session `name` for a roboflowresultsrc.
-pub fn claim(name: &str) -> Result<Claim, String> {
+pub fn claim(name: &str) -> Result<Claim, SessionError> {
     static IDS: AtomicU64 = AtomicU64::new(0);
     let mut registry = REGISTRY.lock().unwrap();
     if registry.running.get(name).is_some_and(|session| session.strong_count() > 0) {
-        return Err(format!(
-            "the results of session '{name}' already go to its roboflowuploadsink, which started before this roboflowresultsrc: \
-             bring the result source to READY before the sink's pipeline goes to PAUSED"
-        ));
+        return Err(SessionError::ResultsTaken { session: name.to_owned() });
     }
     if registry.claims.get(name).is_some_and(|claimant| !claimant.stream.is_closed()) {
-        return Err(format!("another roboflowresultsrc already reads the results of session '{name}'"));
+        return Err(SessionError::ResultsClaimed { session: name.to_owned() });
     }
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     let (sender, receiver) = oneshot::channel();

@@ -25,7 +25,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 
 use super::gate::Gate;
-use crate::bus::{PROGRESS_MESSAGE, inference_structure};
+use crate::bus::{inference_structure, progress_structure};
 use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
@@ -935,15 +935,7 @@ impl UploadSink {
         }
         progress.last_post = Some(now);
         progress.last_percent = percent;
-        let structure = gst::Structure::builder(PROGRESS_MESSAGE)
-            .field("uploaded-bytes", stats.bytes_sent)
-            .field("total-bytes", stats.total_bytes)
-            .field("uploaded-chunks", stats.chunks_sent)
-            .field("total-chunks", stats.total_chunks)
-            .field("percent", percent as f64)
-            .field("elapsed", gst::ClockTime::from_nseconds(now.duration_since(started).as_nanos() as u64))
-            .field("final", last)
-            .build();
+        let structure = progress_structure(&stats, percent, now.duration_since(started), last);
         let _ = self.obj().post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
     }
 

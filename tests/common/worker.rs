@@ -113,6 +113,12 @@ pub struct WorkerConfig {
     /// unpaired per session (their RTP won); with 5 ms, none in 12 sessions.
     /// Zero is the way to test that race.
     pub track_encode_latency: Duration,
+    /// In track transport, the least time from a frame's last RTP packet to
+    /// the next frame's JSON. The real server takes tens of milliseconds per
+    /// frame (about 8 frames/s here), so a frame's RTP reaches the client
+    /// long before the next frame's JSON; a worker with no gap lets the
+    /// client's scheduling reorder the two, which no real session shows.
+    pub track_frame_gap: Duration,
     /// Pads every frame's result with a `padding` text of this many bytes
     /// inside `serialized_output_data` (an object holding only it when the
     /// result would have none), so that results cross 48 KiB chunk
@@ -156,6 +162,7 @@ impl Default for WorkerConfig {
             track_drop_every: None,
             track_rtp_origin: None,
             track_encode_latency: DEFAULT_TRACK_ENCODE_LATENCY,
+            track_frame_gap: DEFAULT_TRACK_FRAME_GAP,
             result_padding: 0,
             frame_errors: None,
             realtime_drop_every: None,
@@ -428,6 +435,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const DECODE_TIMEOUT: Duration = Duration::from_secs(300);
 const JPEG_QUALITY: i32 = 80;
 const DEFAULT_TRACK_ENCODE_LATENCY: Duration = Duration::from_millis(5);
+const DEFAULT_TRACK_FRAME_GAP: Duration = Duration::from_millis(20);
 /// A write only waits for the connection's driver to take the packet.
 const TRACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1326,6 +1334,7 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
         });
         if let Some(track) = &session.track {
             send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
+            tokio::time::sleep(session.config.track_frame_gap).await;
         }
         let silent_after = session.config.find(|f| match f {
             Fault::GoSilentAfterFrames(n) => Some(*n),
