@@ -12,6 +12,7 @@ mod resultsrc;
 mod runtime;
 mod session;
 mod signalling;
+mod stop;
 mod uploadsink;
 
 pub use resultsrc::{META_NAME, ResultSrc};

@@ -25,7 +25,8 @@ use super::META_NAME;
 use crate::config::VideoTransport;
 use crate::protocol::find_image;
 use crate::protocol::rtp_pairing::{DEFAULT_HOLD, Released, ResultsByPts, TrackPairing, VIDEO_CLOCK_RATE};
-use crate::runtime::{WaitError, Waits};
+use crate::runtime::Waits;
+use crate::stop::{Stop, waited};
 use crate::session::registry::Claim;
 use crate::session::{FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, TrackItem};
 
@@ -233,9 +234,8 @@ impl BaseSrcImpl for FrameSrc {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        if let State::Attached(attached) = std::mem::replace(&mut *self.state.lock().unwrap(), State::Idle) {
-            attached.link.let_go();
-        }
+        // Dropping the link lets go of the session.
+        *self.state.lock().unwrap() = State::Idle;
         Ok(())
     }
 
@@ -279,13 +279,6 @@ impl PushSrcImpl for FrameSrc {
     }
 }
 
-enum Stop {
-    Flushing,
-    Eos,
-    NotLinked,
-    Error(String),
-}
-
 impl FrameSrc {
     fn report(&self, stop: Stop) -> gst::FlowError {
         if !matches!(stop, Stop::Flushing) {
@@ -306,7 +299,7 @@ impl FrameSrc {
                 gst::FlowError::NotLinked
             }
             Stop::Error(message) => {
-                gst::element_imp_error!(self, gst::ResourceError::Failed, ("{}", message));
+                self.post_error_message(message);
                 gst::FlowError::Error
             }
         }
@@ -322,16 +315,12 @@ impl FrameSrc {
         let previous = std::mem::replace(&mut *self.state.lock().unwrap(), State::LetGo);
         if let State::Attached(attached) = previous {
             gst::info!(CAT, imp = self, "downstream stopped taking buffers ({flow:?}): letting go of the session");
-            attached.link.let_go();
+            drop(attached);
         }
     }
 
     fn wait<T: Send>(&self, timeout: Option<Duration>, on_timeout: impl FnOnce() -> String, future: impl Future<Output = T> + Send) -> Result<T, Stop> {
-        match self.waits.run(timeout, future) {
-            Ok(value) => Ok(value),
-            Err(WaitError::Cancelled) => Err(Stop::Flushing),
-            Err(WaitError::TimedOut(_)) => Err(Stop::Error(on_timeout())),
-        }
+        waited(self.waits.run(timeout, future), on_timeout)
     }
 
     fn owner(&self) -> Option<gst::Element> {
@@ -348,11 +337,11 @@ impl FrameSrc {
     fn announce(&self, caps: gst::Caps) -> Result<(), Stop> {
         gst::info!(CAT, imp = self, "caps {caps}");
         if let Some(owner) = self.owner().and_then(|owner| owner.downcast::<super::ResultSrc>().ok()) {
-            owner.imp().plug_decoder(&caps).map_err(Stop::Error)?;
+            owner.imp().plug_decoder(&caps).map_err(Stop::failed)?;
         }
         let obj = self.obj();
         obj.set_caps(&caps)
-            .map_err(|_| Stop::Error(format!("downstream of roboflowresultsrc refused the decoded form of {caps}")))?;
+            .map_err(|_| Stop::failed(format!("downstream of roboflowresultsrc refused the decoded form of {caps}")))?;
         // Linking the decoder asked this pad to reconfigure; the caps are
         // set and the buffers wrap received bytes, so there is nothing to
         // renegotiate. Left pending, GstBaseSrc would send an ALLOCATION
@@ -367,13 +356,13 @@ impl FrameSrc {
         let params = self.params.lock().unwrap().clone();
         let claim = self.shared.lock().unwrap().claim.lock().unwrap().take();
         let Some(mut claim) = claim else {
-            return Err(Stop::Error("property 'session': name the roboflowuploadsink session to read results from".to_owned()));
+            return Err(Stop::failed("property 'session': name the roboflowuploadsink session to read results from".to_owned()));
         };
         let name = claim.name().to_owned();
         let limit = params.attach_timeout;
         gst::info!(CAT, imp = self, "waiting up to {limit:?} for session '{name}'");
         let stream = self.wait(Some(limit), String::new, claim.stream()).ok().flatten().ok_or_else(|| {
-            Stop::Error(format!(
+            Stop::failed(format!(
                 "no roboflowuploadsink with session '{name}' started within {:.1} s (connect-timeout of roboflowresultsrc)",
                 limit.as_secs_f64()
             ))
@@ -490,7 +479,7 @@ impl FrameSrc {
                 attached.ended = true;
                 Ok(None)
             }
-            SessionEvent::Failed(message) => Err(Stop::Error(message)),
+            SessionEvent::Failed(message) => Err(Stop::failed(message)),
         }
     }
 
@@ -570,7 +559,7 @@ impl FrameSrc {
                 gst::info!(CAT, imp = self, "processing complete after {frames} frames; draining the track");
                 attached.draining = true;
             }
-            Input::Event(SessionEvent::Failed(message)) => return Err(Stop::Error(message)),
+            Input::Event(SessionEvent::Failed(message)) => return Err(Stop::failed(message)),
             Input::Codec { mime_type, clock_rate, payload_type } => {
                 let encoding = mime_type.rsplit('/').next().unwrap_or_default().to_ascii_uppercase();
                 attached.pairing.set_clock_rate(clock_rate);
@@ -771,8 +760,6 @@ impl SessionLink {
         }
     }
 
-    /// The source lets go of the session.
-    fn let_go(self) {}
 }
 
 #[cfg(test)]

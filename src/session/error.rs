@@ -122,14 +122,6 @@ pub enum SessionError {
     Closed,
 }
 
-impl SessionError {
-    /// A failure caused by the session being closed on purpose (a state
-    /// change), not by the server: not worth an ERROR message.
-    pub fn is_closed(&self) -> bool {
-        matches!(self, SessionError::Closed)
-    }
-}
-
 impl From<ResultError> for SessionError {
     fn from(error: ResultError) -> Self {
         SessionError::InvalidResultMessage { error }

@@ -16,7 +16,6 @@
 // stop, after cancelling every wait. The sink does not preroll: PAUSED holds
 // the job at its next chunk or result (see `Gate`) and PLAYING resumes it.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +24,12 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 
 use super::gate::Gate;
+use super::spool::Spool;
 use crate::bus::{inference_structure, progress_structure};
 use crate::config::{
     self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
 };
-use crate::runtime::WaitError;
+use crate::stop::{Stop, waited};
 use crate::session::{self, FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, UploadWriter};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -47,48 +47,10 @@ const CONNECT_GRACE: Duration = Duration::from_secs(5);
 const EMPTY_INPUT: &str =
     "the input is empty: there is nothing to upload (the server never completes an upload of 0 chunks)";
 
-/// Why an operation of the streaming thread stopped.
-enum Stop {
-    /// A flush or a state change to READY: not an error.
-    Flushing,
-    /// Nobody reads the results any more: the job ends with EOS.
-    Abandoned,
-    Error(gst::ErrorMessage),
-}
-
-impl From<gst::ErrorMessage> for Stop {
-    fn from(message: gst::ErrorMessage) -> Self {
-        Stop::Error(message)
-    }
-}
-
 impl From<super::gate::Cancelled> for Stop {
     fn from(_: super::gate::Cancelled) -> Self {
         Stop::Flushing
     }
-}
-
-fn failure(message: impl AsRef<str>) -> Stop {
-    Stop::Error(gst::error_msg!(gst::ResourceError::Failed, ("{}", message.as_ref())))
-}
-
-impl From<SessionError> for Stop {
-    fn from(error: SessionError) -> Self {
-        match error {
-            // The roboflowresultsrc reading the results let go (its
-            // downstream ended): the job ends, without an error of its own.
-            SessionError::ResultsAbandoned { .. } => Stop::Abandoned,
-            error => failure(error.to_string()),
-        }
-    }
-}
-
-struct Spool {
-    file: std::fs::File,
-    /// Deleted when dropped, on every path.
-    path: tempfile::TempPath,
-    position: u64,
-    size: u64,
 }
 
 struct Streamed {
@@ -644,8 +606,9 @@ impl UploadSink {
         self.post_warnings();
         match outcome {
             Ok(()) => Ok(gst::FlowSuccess::Ok),
-            Err(Stop::Flushing) => Err(gst::FlowError::Flushing),
-            Err(Stop::Abandoned) => {
+            // A sink has no downstream to be unlinked from.
+            Err(Stop::Flushing | Stop::NotLinked) => Err(gst::FlowError::Flushing),
+            Err(Stop::Eos) => {
                 self.finish(gst::Seqnum::next());
                 Err(gst::FlowError::Eos)
             }
@@ -664,8 +627,8 @@ impl UploadSink {
             return false;
         }
         match self.finish_job() {
-            Ok(()) | Err(Stop::Abandoned) => {}
-            Err(Stop::Flushing) => return false,
+            Ok(()) | Err(Stop::Eos) => {}
+            Err(Stop::Flushing | Stop::NotLinked) => return false,
             Err(Stop::Error(message)) => {
                 self.fail(message);
                 return false;
@@ -731,12 +694,7 @@ impl UploadSink {
         timed_out: impl FnOnce() -> SessionError,
         future: F,
     ) -> Result<T, Stop> {
-        match self.gate.run(timeout, future) {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(error.into()),
-            Err(WaitError::Cancelled) => Err(Stop::Flushing),
-            Err(WaitError::TimedOut(_)) => Err(timed_out().into()),
-        }
+        Ok(waited(self.gate.run(timeout, future), timed_out)??)
     }
 
     fn wait_connected(&self, writer: &UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
@@ -768,7 +726,7 @@ impl UploadSink {
             }
             Mode::Spooled(spool) => {
                 gst::debug!(CAT, imp = self, "spool: upstream seeks to byte {start}");
-                spool.position = start;
+                spool.seek(start);
             }
             Mode::Streamed(streamed) => {
                 let consumed = streamed.consumed;
@@ -794,11 +752,11 @@ impl UploadSink {
         }
         match mode {
             Mode::Undecided => unreachable!("decided above"),
-            Mode::Spooled(spool) => self.spool_write(spool, data),
+            Mode::Spooled(spool) => spool.write(data),
             Mode::Streamed(streamed) => {
                 let consumed = streamed.consumed;
                 if offset != u64::MAX /* GST_BUFFER_OFFSET_NONE */ && offset != consumed {
-                    return Err(failure(format!(
+                    return Err(Stop::failed(format!(
                         "upstream sent bytes at offset {offset} while {consumed} bytes were streamed; set upload-mode=spool for this upstream"
                     )));
                 }
@@ -829,28 +787,16 @@ impl UploadSink {
                 Ok(Mode::Streamed(Box::new(Streamed { consumed: 0 })))
             }
             None => {
-                let spool_dir = self
-                    .settings
-                    .lock()
-                    .unwrap()
+                let settings = self.settings.lock().unwrap();
+                let spool_dir = settings
                     .spool_dir
                     .clone()
                     .filter(|dir| !dir.trim().is_empty())
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(std::env::temp_dir);
-                let (file, path) = tempfile::Builder::new()
-                    .prefix("roboflow-upload-")
-                    .suffix(".spool")
-                    .tempfile_in(&spool_dir)
-                    .map_err(|err| {
-                        failure(format!(
-                            "cannot create a spool file in '{}': {err} (spool-dir)",
-                            spool_dir.display()
-                        ))
-                    })?
-                    .into_parts();
-                gst::info!(CAT, imp = self, "upstream size unknown or upstream seeks: spooling to {}", path.display());
-                Ok(Mode::Spooled(Spool { file, path, position: 0, size: 0 }))
+                let spool = Spool::create(&spool_dir, settings.max_spool_size)?;
+                gst::info!(CAT, imp = self, "upstream size unknown or upstream seeks: spooling to {}", spool.path().display());
+                Ok(Mode::Spooled(spool))
             }
         }
     }
@@ -878,31 +824,6 @@ impl UploadSink {
             pad = element.sink_pads().into_iter().next();
         }
         false
-    }
-
-    fn spool_write(&self, spool: &mut Spool, data: &[u8]) -> Result<(), Stop> {
-        let end = spool.position + data.len() as u64;
-        let limit = self.settings.lock().unwrap().max_spool_size;
-        if limit > 0 && end > limit {
-            return Err(failure(format!(
-                "the spooled upload would grow to {end} bytes, over max-spool-size ({limit} bytes); raise max-spool-size or free space in spool-dir"
-            )));
-        }
-        let write = |spool: &mut Spool| -> std::io::Result<()> {
-            spool.file.seek(SeekFrom::Start(spool.position))?;
-            spool.file.write_all(data)
-        };
-        write(spool).map_err(|err| {
-            failure(format!(
-                "writing {} bytes at offset {} of the spool file {} failed: {err} (spool-dir)",
-                data.len(),
-                spool.position,
-                spool.path.display()
-            ))
-        })?;
-        spool.position += data.len() as u64;
-        spool.size = spool.size.max(spool.position);
-        Ok(())
     }
 
     /// Sends the chunks framed so far, once the element plays: a pause holds
@@ -958,7 +879,7 @@ impl UploadSink {
     fn finish_upload(&self, job: &mut Job) -> Result<(), Stop> {
         let Job { writer, config, mode, progress, .. } = job;
         if let Mode::Spooled(spool) = mode
-            && spool.size > 0
+            && spool.size() > 0
         {
             // Connected before the spool leaves the job: a flush during
             // this wait keeps the bytes for the EOS that comes after it.
@@ -994,23 +915,17 @@ impl UploadSink {
         mut spool: Spool,
         progress: &mut Progress,
     ) -> Result<(), Stop> {
-        let size = spool.size;
+        let size = spool.size();
         if size == 0 {
             return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
         }
         writer.begin(size)?;
-        let read_error = |err: std::io::Error| failure(format!("reading back the spool file {} failed: {err}", spool.path.display()));
-        spool.file.seek(SeekFrom::Start(0)).map_err(read_error)?;
-        let mut block = vec![0u8; config.chunk_size];
-        let mut remaining = size;
-        while remaining > 0 {
-            let want = block.len().min(remaining as usize);
-            spool.file.read_exact(&mut block[..want]).map_err(read_error)?;
-            remaining -= want as u64;
-            writer.push(&block[..want])?;
+        spool.read_blocks(config.chunk_size, |block| {
+            writer.push(block)?;
             self.send_chunks(writer, config)?;
             self.progress_message(writer, progress, false);
-        }
+            Ok(())
+        })?;
         writer.end()?;
         // `spool` drops here: the temporary file is deleted.
         Ok(())

@@ -3,6 +3,7 @@ use gst::prelude::*;
 
 mod gate;
 mod imp;
+mod spool;
 
 glib::wrapper! {
     /// `roboflowuploadsink`: uploads muxed video bytes to a Roboflow
