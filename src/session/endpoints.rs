@@ -53,7 +53,9 @@ impl UploadWriter {
 
     /// Waits until both data channels are open.
     pub async fn connected(&self) -> Result<(), SessionError> {
-        self.shared.wait_state(|state| state != State::Connecting).await
+        self.shared
+            .wait_state(|state| matches!(state, State::Connected | State::Uploading | State::Receiving | State::Complete))
+            .await
     }
 
     /// Declares the upload's size; returns the number of chunk messages.
