@@ -69,6 +69,11 @@ impl UploadWriter {
         self.feed(Input::UploadData(data))
     }
 
+    /// Chunks are framed and wait for [`flush`](Self::flush).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Queues every framed chunk for sending, waiting while the channel is at
     /// its buffer limit. Cancel-safe: a cancelled flush loses nothing.
     pub async fn flush(&mut self) -> Result<(), SessionError> {

@@ -830,6 +830,11 @@ impl UploadSink {
     /// the upload here, and the stall timer only runs while a chunk waits
     /// for room in the channel.
     fn send_chunks(&self, writer: &mut UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
+        // Most buffers (filesrc reads 4 KiB) complete no chunk: no wait on
+        // the runtime for them.
+        if !writer.has_pending() {
+            return Ok(());
+        }
         self.gate.wait_playing()?;
         let stall = config.stall_timeout;
         let probe = writer.probe();
