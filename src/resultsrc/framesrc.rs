@@ -470,16 +470,16 @@ impl FrameSrc {
             link.next_event(),
         )?;
         match event {
-            SessionEvent::Frame(frame) => {
+            Ok(ResultEvent::Frame(frame)) => {
                 let result = self.on_frame(&frame);
                 Ok(Some((frame, result)))
             }
-            SessionEvent::Complete { frames, .. } => {
+            Ok(ResultEvent::Complete { frames, .. }) => {
                 gst::info!(CAT, imp = self, "processing complete after {frames} frames");
                 attached.ended = true;
                 Ok(None)
             }
-            SessionEvent::Failed(message) => Err(Stop::failed(message)),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -543,7 +543,7 @@ impl FrameSrc {
         )?;
         let now = Instant::now();
         match input {
-            Input::Event(SessionEvent::Frame(frame)) => {
+            Input::Event(Ok(ResultEvent::Frame(frame))) => {
                 let result = self.on_frame(&frame);
                 gst::trace!(CAT, "json {} pts {:?}", frame.frame_id, frame.pts_ns());
                 if let Some(pts) = frame.pts_ns() {
@@ -555,11 +555,11 @@ impl FrameSrc {
                 }
                 self.send_ack(attached, frame.frame_id);
             }
-            Input::Event(SessionEvent::Complete { frames, .. }) => {
+            Input::Event(Ok(ResultEvent::Complete { frames, .. })) => {
                 gst::info!(CAT, imp = self, "processing complete after {frames} frames; draining the track");
                 attached.draining = true;
             }
-            Input::Event(SessionEvent::Failed(message)) => return Err(Stop::failed(message)),
+            Input::Event(Err(error)) => return Err(error.into()),
             Input::Codec { mime_type, clock_rate, payload_type } => {
                 let encoding = mime_type.rsplit('/').next().unwrap_or_default().to_ascii_uppercase();
                 attached.pairing.set_clock_rate(clock_rate);
@@ -639,23 +639,6 @@ pub fn acks_sent(shared: &Shared) -> u64 {
     shared.session.lock().unwrap().as_ref().map_or(0, |session| session.stats().acks_sent)
 }
 
-/// A result as the source reads it.
-enum SessionEvent {
-    Frame(Box<FrameEvent>),
-    Complete { frames: u64 },
-    Failed(String),
-}
-
-impl From<Result<ResultEvent, SessionError>> for SessionEvent {
-    fn from(next: Result<ResultEvent, SessionError>) -> Self {
-        match next {
-            Ok(ResultEvent::Frame(frame)) => SessionEvent::Frame(frame),
-            Ok(ResultEvent::Complete { frames, .. }) => SessionEvent::Complete { frames },
-            Err(error) => SessionEvent::Failed(error.to_string()),
-        }
-    }
-}
-
 /// What the source needs to know of the session it reads.
 struct SessionSettings {
     output: Output,
@@ -666,7 +649,7 @@ struct SessionSettings {
 
 /// One input of track transport.
 enum Input {
-    Event(SessionEvent),
+    Event(Result<ResultEvent, SessionError>),
     Codec { mime_type: String, clock_rate: u32, payload_type: u8 },
     Packet(Bytes),
     /// The track went quiet after processing_complete.
@@ -710,8 +693,8 @@ impl SessionLink {
         self.stream.stats().frames_received
     }
 
-    async fn next_event(&mut self) -> SessionEvent {
-        self.stream.next().await.into()
+    async fn next_event(&mut self) -> Result<ResultEvent, SessionError> {
+        self.stream.next().await
     }
 
     /// The next result event or track item, whichever comes first, or the
@@ -746,7 +729,7 @@ impl SessionLink {
             tokio::select! {
                 biased;
                 item = packet => item,
-                event = stream.next() => return Input::Event(event.into()),
+                event = stream.next() => return Input::Event(event),
                 _ = hold_over => return Input::HoldOver,
             }
         };
