@@ -100,14 +100,7 @@ fn data_only_reports_every_frame() {
         clip.display(),
         sink(&format!("name=upload workflow-spec-file={} data-output=rgb_color", workflow("blur-dominant-color.json").display()))
     ));
-    let upload = pipeline.by_name("upload").unwrap();
-    let mut stats = None;
-    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
-        if let gst::MessageView::Eos(_) = message.view() {
-            stats = Some(upload.property::<gst::Structure>("stats"));
-        }
-        false
-    });
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "upload");
     assert!(outcome.eos, "{outcome:?}");
     check_messages(&outcome, 60);
     check_sink_stats(&stats.expect("stats at EOS"), 60);
@@ -259,14 +252,7 @@ fn encoder_pipeline_is_spooled_and_processed() {
         "videotestsrc num-buffers=45 ! video/x-raw,width=320,height=240,framerate=30/1 ! x264enc speed-preset=ultrafast ! mp4mux ! {}",
         sink(&format!("name=upload workflow-spec-file={}", workflow("dominant-color.json").display()))
     ));
-    let upload = pipeline.by_name("upload").unwrap();
-    let mut stats = None;
-    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
-        if let gst::MessageView::Eos(_) = message.view() {
-            stats = Some(upload.property::<gst::Structure>("stats"));
-        }
-        false
-    });
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "upload");
     assert!(outcome.eos, "{outcome:?}");
     let stats = stats.expect("stats at EOS");
     assert_eq!(stats.get::<String>("upload-mode").ok().as_deref(), Some("spooled"), "{stats}");

@@ -157,14 +157,7 @@ fn slow_consumer_gets_every_frame_with_a_bounded_queue() {
         upload_description(&clip, &worker, "slow", "")
     ));
     let received = collect(&appsink(&pipeline), Duration::from_millis(40));
-    let results = pipeline.by_name("results").unwrap();
-    let mut stats = None;
-    let outcome = run_with(&pipeline, Duration::from_secs(90), |_, message| {
-        if let gst::MessageView::Eos(_) = message.view() {
-            stats = Some(results.property::<gst::Structure>("stats"));
-        }
-        false
-    });
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, Duration::from_secs(90), "results");
     assert!(outcome.eos, "no EOS: {:?}", outcome.error);
     assert_every_frame(&received.lock().unwrap(), 30);
     let stats = stats.unwrap();

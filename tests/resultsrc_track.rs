@@ -47,6 +47,20 @@ fn collect(appsink: &gst_app::AppSink) -> Arc<Mutex<Received>> {
 const SINK_TAIL: &str = "video-transport=track stream-output=image";
 const SOURCE_TAIL: &str = "! videoconvert ! video/x-raw,format=GRAY8 ! appsink name=out sync=false";
 
+/// One upload with its result source in one pipeline, the returned video
+/// collected; bounded to 90 s.
+fn track_job(clip: &std::path::Path, worker: &TestWorker, session: &str) -> (Arc<Mutex<Received>>, Outcome) {
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    let outcome = run(&pipeline, Duration::from_secs(90));
+    (received, outcome)
+}
+
 fn check_all_paired(received: &Received, frames: usize, stats: &gst::Structure) {
     assert_eq!(received.frame_ids.len(), frames, "every frame decoded: {:?}", received.frame_ids);
     let ids: Vec<u64> = received.frame_ids.iter().map(|id| id.expect("every frame paired")).collect();
@@ -77,14 +91,7 @@ fn one_pipeline(codec: TrackCodec, expected_codec: &str, config: WorkerConfig) {
     let latency = config.track_encode_latency;
     let worker = TestWorker::start(WorkerConfig { track_codec: codec, ..config });
     let session = format!("track-{expected_codec}-{}", latency.as_millis());
-    let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
-        clip.display(),
-        sink_properties(&worker.url())
-    ));
-    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
-    let outcome = run(&pipeline, Duration::from_secs(90));
+    let (received, outcome) = track_job(&clip, &worker, &session);
     assert!(outcome.eos, "{:?}", outcome.error);
     let summary = outcome.named("roboflow-result-summary");
     assert_eq!(summary.len(), 1);
@@ -169,14 +176,7 @@ fn codec_gaps(config: WorkerConfig, session: &str) {
         track_rtp_origin: Some(u32::MAX - 45_000),
         ..config
     });
-    let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
-        clip.display(),
-        sink_properties(&worker.url())
-    ));
-    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
-    let outcome = run(&pipeline, Duration::from_secs(90));
+    let (received, outcome) = track_job(&clip, &worker, session);
     assert!(outcome.eos, "{:?}", outcome.error);
     assert_eq!(outcome.named("roboflow-inference").len(), 30, "results of dropped frames still arrive");
     let received = received.lock().unwrap();
@@ -199,14 +199,7 @@ fn rtp_racing_its_json_still_pairs_every_frame() {
     let worker = TestWorker::start(WorkerConfig { track_encode_latency: Duration::ZERO, ..Default::default() });
     for run_index in 0..4 {
         let session = format!("track-race{run_index}");
-        let pipeline = launch(&format!(
-            "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
-             roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
-            clip.display(),
-            sink_properties(&worker.url())
-        ));
-        let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
-        let outcome = run(&pipeline, Duration::from_secs(90));
+        let (received, outcome) = track_job(&clip, &worker, &session);
         assert!(outcome.eos, "run {run_index}: {:?}", outcome.error);
         let summary = outcome.named("roboflow-result-summary");
         assert_eq!(summary.len(), 1, "run {run_index}");

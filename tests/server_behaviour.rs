@@ -258,14 +258,7 @@ fn realtime_drops_leave_exactly_the_frames_the_worker_sent() {
     let worker = TestWorker::start(WorkerConfig { realtime_drop_every: Some(4), ..Default::default() });
     let pipeline = datachannel_pipeline(&clip, &worker, "realtime", "realtime-processing=true");
     let frames = collect(&pipeline, false);
-    let results = pipeline.by_name("results").unwrap();
-    let mut stats = None;
-    let outcome = run_with(&pipeline, JOB_LIMIT, |_, message| {
-        if let gst::MessageView::Eos(_) = message.view() {
-            stats = Some(results.property::<gst::Structure>("stats"));
-        }
-        false
-    });
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "results");
     assert!(outcome.eos, "{:?}", outcome.error);
     let report = session_report(&worker);
     assert_eq!(report.request["webrtc_realtime_processing"], true);

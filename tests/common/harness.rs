@@ -203,3 +203,17 @@ pub fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) 
     }
     (errors, first_is_sink)
 }
+
+/// Like `run`, and also returns the `stats` of the element `name` as they
+/// were when EOS reached the bus (the counts are final then).
+pub fn run_with_stats_at_eos(pipeline: &gst::Pipeline, limit: Duration, name: &str) -> (Outcome, Option<gst::Structure>) {
+    let element = sink_of(pipeline, name);
+    let mut stats = None;
+    let outcome = run_with(pipeline, limit, |_, message| {
+        if let gst::MessageView::Eos(_) = message.view() {
+            stats = Some(element.property::<gst::Structure>("stats"));
+        }
+        false
+    });
+    (outcome, stats)
+}
