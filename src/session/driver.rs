@@ -223,12 +223,7 @@ impl Shared {
             return;
         }
         gst::debug!(CAT, "session {}: closing ({reason})", self.name);
-        let state = {
-            let mut core = self.core.lock().unwrap();
-            core.handle(Input::Close, Instant::now());
-            core.state()
-        };
-        self.state.send_replace(state);
+        self.handle(Input::Close);
         self.failure.send_if_modified(|failure| failure.is_none().then(|| *failure = Some(reason)).is_some());
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
