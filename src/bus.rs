@@ -56,6 +56,8 @@ mod tests {
             pts_seconds: Some(0.1),
             errors: errors.iter().map(|e| (*e).to_owned()).collect(),
             json: serde_json::json!({"errors": errors}),
+            pts_90khz: Some(9000),
+            live: None,
         }
     }
 

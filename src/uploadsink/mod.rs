@@ -3,6 +3,7 @@ use gst::prelude::*;
 
 mod gate;
 mod imp;
+mod live;
 mod spool;
 
 glib::wrapper! {
