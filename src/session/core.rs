@@ -218,7 +218,6 @@ struct Settings {
 /// Live video: the frames sent and their results.
 struct LiveCore {
     pairing: LivePairing<FrameEvent>,
-    frames_dropped: u64,
     /// Frames are in flight, and no result came since then.
     waiting_since: Option<Instant>,
 }
@@ -239,6 +238,8 @@ pub struct SessionCore {
     peer_was_connected: bool,
     disconnected_since: Option<Instant>,
     live: Option<LiveCore>,
+    /// Live video: frames the sink dropped (also while connecting).
+    frames_dropped: u64,
 }
 
 impl SessionCore {
@@ -271,6 +272,7 @@ impl SessionCore {
             peer_was_connected: false,
             disconnected_since: None,
             live: None,
+            frames_dropped: 0,
         }
     }
 
@@ -310,7 +312,7 @@ impl SessionCore {
             frames_received: self.frames_received,
             acks_sent: self.acks.as_ref().map_or(0, AckTracker::acks_sent),
             frames_sent: self.live.as_ref().map_or(0, |live| live.pairing.frames_sent()),
-            frames_dropped: self.live.as_ref().map_or(0, |live| live.frames_dropped),
+            frames_dropped: self.frames_dropped,
             frames_skipped: self.live.as_ref().map_or(0, |live| live.pairing.frames_skipped()),
             frames_in_flight: self.live.as_ref().map_or(0, |live| live.pairing.in_flight()),
             results_unpaired: self.live.as_ref().map_or(0, |live| live.pairing.results_unpaired()),
@@ -373,7 +375,7 @@ impl SessionCore {
             Input::BeginLive => match self.state {
                 State::Connected => {
                     self.state = State::Uploading;
-                    self.live = Some(LiveCore { pairing: LivePairing::new(), frames_dropped: 0, waiting_since: None });
+                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None });
                 }
                 State::Connecting => {
                     return Err(SessionError::UploadMismatch("live video began before the session was connected".to_owned()));
@@ -385,7 +387,7 @@ impl SessionCore {
                 live.pairing.on_frame_sent(rtp_timestamp, pts_ns, arrived);
                 live.waiting_since.get_or_insert(now);
             }
-            Input::FrameDropped => self.live_frames()?.frames_dropped += 1,
+            Input::FrameDropped => self.frames_dropped += 1,
             Input::TrackEnded => {
                 self.live_frames()?;
                 self.state = State::Receiving;

@@ -109,6 +109,16 @@ impl UploadWriter {
         self.shared.wait_state(|state| matches!(state, State::Receiving | State::Complete)).await
     }
 
+    /// The session is connected (or further on).
+    pub fn is_connected(&self) -> bool {
+        !matches!(self.shared.state(), State::Connecting)
+    }
+
+    /// Resolves with the failure once the session has failed or closed.
+    pub async fn failed(&self) -> SessionError {
+        self.shared.failed().await
+    }
+
     /// Live video: the track is up; frames follow.
     pub fn begin_live(&mut self) -> Result<(), SessionError> {
         self.feed(Input::BeginLive)

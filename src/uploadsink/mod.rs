@@ -4,6 +4,7 @@ use gst::prelude::*;
 mod gate;
 mod imp;
 mod live;
+mod live_job;
 mod spool;
 
 glib::wrapper! {
