@@ -408,3 +408,123 @@ fn a_killed_server_worker_is_an_error_within_seconds() {
     assert!(text.contains("its worker process may have died"), "{text}");
     assert!(killed.elapsed() < Duration::from_secs(60), "the error came {:?} after the kill", killed.elapsed());
 }
+
+/// Checks each live result against the frame it was paired with: its pts
+/// is a painted buffer's, and the Workflow's dominant colour is that
+/// buffer's colour. Returns the indices, in message order.
+fn check_live_pairing(outcome: &Outcome, painted: &common::live::Painted) -> Vec<u64> {
+    let painted = painted.lock().unwrap();
+    let mut indices = Vec::new();
+    for message in outcome.named("roboflow-inference") {
+        let frame_id = message.get::<u64>("frame-id").unwrap();
+        let pts = message.get::<Option<gst::ClockTime>>("pts").unwrap().unwrap_or_else(|| panic!("result {frame_id}: no pts"));
+        let index = *painted.get(&pts.nseconds()).unwrap_or_else(|| panic!("result {frame_id}: pts {pts} is no buffer's"));
+        let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
+        let rgb = common::live::rgb_color(&json).unwrap_or_else(|| panic!("result {frame_id}: no rgb_color in {json}"));
+        assert_eq!(
+            common::live::index_of(rgb),
+            Some(index % 343),
+            "result {frame_id} paired with frame {index} (colour {:?}) saw colour {rgb:?}",
+            common::live::colour(index)
+        );
+        let latency = message.get::<Option<gst::ClockTime>>("latency").unwrap();
+        assert!(latency.is_some(), "result {frame_id}: no latency");
+        indices.push(index);
+    }
+    indices
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_lossless_pairs_every_frame_with_its_own_result() {
+    init();
+    let frames = 90;
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers={frames} ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink workflow-spec-file={} data-output=rgb_color",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "sink");
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let indices = check_live_pairing(&outcome, &painted);
+    assert_eq!(indices, (0..frames).collect::<Vec<_>>(), "every frame's result, in order");
+    let stats = stats.expect("stats at EOS");
+    assert_eq!(stats.get::<String>("upload-mode").unwrap(), "live", "{stats}");
+    assert_eq!(stats.get::<u64>("frames-sent").unwrap(), frames, "{stats}");
+    assert_eq!(stats.get::<u64>("frames-dropped").unwrap(), 0, "{stats}");
+    assert_eq!(stats.get::<u64>("frames-in-flight").unwrap(), 0, "{stats}");
+    assert_eq!(stats.get::<String>("phase").unwrap(), "complete", "{stats}");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_h264_realtime_drops_are_counted_and_results_stay_paired() {
+    init();
+    // 20 s: the server's worker starts within it, and frames come on after.
+    let frames = 600;
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers={frames} ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink video-codec=h264 realtime-processing=true workflow-spec-file={} data-output=rgb_color",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "sink");
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let indices = check_live_pairing(&outcome, &painted);
+    assert!(indices.len() >= 30, "only {} results", indices.len());
+    assert!(indices.windows(2).all(|w| w[0] < w[1]), "results in frame order");
+    let stats = stats.expect("stats at EOS");
+    let sent = stats.get::<u64>("frames-sent").unwrap();
+    let dropped = stats.get::<u64>("frames-dropped").unwrap();
+    let skipped = stats.get::<u64>("frames-skipped").unwrap();
+    assert_eq!(sent + dropped, frames, "every frame sent or counted as dropped: {stats}");
+    assert_eq!(indices.len() as u64 + skipped + stats.get::<u64>("frames-in-flight").unwrap(), sent, "{stats}");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_comes_back_through_roboflowresultsrc() {
+    init();
+    let frames = 60;
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers={frames} ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink session=live-back workflow-spec-file={} data-output=rgb_color stream-output=blurred \
+         roboflowresultsrc session=live-back name=results ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let out = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let returned: Arc<Mutex<Vec<(Option<u64>, [u8; 3])>>> = Arc::default();
+    let record = returned.clone();
+    out.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let map = buffer.map_readable().unwrap();
+                // The centre pixel: the blur leaves a solid frame solid.
+                let caps = sample.caps().unwrap().structure(0).unwrap().to_owned();
+                let (width, height) = (caps.get::<i32>("width").unwrap() as usize, caps.get::<i32>("height").unwrap() as usize);
+                let stride = (width * 3).div_ceil(4) * 4;
+                let at = (height / 2) * stride + (width / 2) * 3;
+                record.lock().unwrap().push((buffer.pts().map(|p| p.nseconds()), [map[at], map[at + 1], map[at + 2]]));
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let outcome = run(&pipeline, JOB_LIMIT);
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let returned = returned.lock().unwrap();
+    assert_eq!(returned.len() as u64, frames, "every frame comes back");
+    let painted = painted.lock().unwrap();
+    for (pts, rgb) in returned.iter() {
+        let pts = pts.expect("a returned frame has a pts");
+        let index = *painted.get(&pts).unwrap_or_else(|| panic!("returned pts {pts} is no sent buffer's"));
+        let seen = common::live::index_of(rgb.map(f64::from));
+        assert_eq!(seen, Some(index % 343), "returned frame at {pts} (frame {index}) has colour {rgb:?}");
+    }
+}
