@@ -12,26 +12,45 @@ use std::sync::{Arc, Mutex};
 
 use gst::prelude::*;
 
-/// Channel levels: 7 per channel, 36 apart (343 colours), far enough apart
-/// for VP8/H.264 and the RGB/YUV round trip to keep them distinct.
-const LEVELS: [u8; 7] = [16, 52, 88, 124, 160, 196, 232];
+/// Channel levels: 5 per channel, 55 apart (125 colours), far enough apart
+/// for VP8/H.264, twice, and the RGB/YUV round trips to keep them distinct
+/// (the server's returned track darkens its first frames by up to 18).
+const LEVELS: [u8; 5] = [20, 75, 130, 185, 240];
+pub const COLOURS: u64 = 125;
 /// How far a channel may drift from its level and still read as it.
-const MAX_DRIFT: f64 = 14.0;
+const MAX_DRIFT: f64 = 25.0;
 
-/// The colour of frame `index` (mod 343).
+/// The colour of frame `index` (mod [`COLOURS`]).
 pub fn colour(index: u64) -> [u8; 3] {
-    let i = (index % 343) as usize;
-    [LEVELS[i / 49], LEVELS[(i / 7) % 7], LEVELS[i % 7]]
+    let i = (index % COLOURS) as usize;
+    [LEVELS[i / 25], LEVELS[(i / 5) % 5], LEVELS[i % 5]]
 }
 
-/// The index (mod 343) whose colour `rgb` is, if it is one.
+/// The index (mod [`COLOURS`]) whose colour `rgb` is, if it is one.
 pub fn index_of(rgb: [f64; 3]) -> Option<u64> {
     let level = |value: f64| {
         LEVELS
             .iter()
             .position(|level| (f64::from(*level) - value).abs() <= MAX_DRIFT)
     };
-    Some((level(rgb[0])? * 49 + level(rgb[1])? * 7 + level(rgb[2])?) as u64)
+    Some((level(rgb[0])? * 25 + level(rgb[1])? * 5 + level(rgb[2])?) as u64)
+}
+
+/// Of the frames next to `index`, the one whose colour is nearest `rgb`:
+/// for colours encoded twice (the server's returned track re-encodes what
+/// it received), where the drift can pass a level, a shifted pairing
+/// still shows as a neighbour being nearer.
+pub fn nearest_neighbour(rgb: [f64; 3], index: u64) -> u64 {
+    let distance = |i: u64| -> f64 {
+        let c = colour(i);
+        (0..3).map(|k| (f64::from(c[k]) - rgb[k]).powi(2)).sum()
+    };
+    // Own index first: a tie keeps it.
+    let candidates = [index, index.saturating_sub(1), index + 1];
+    *candidates
+        .iter()
+        .min_by(|a, b| distance(**a).total_cmp(&distance(**b)))
+        .unwrap()
 }
 
 /// The `rgb_color` of a result's JSON (the dominant colour Workflow).
