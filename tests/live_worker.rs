@@ -471,7 +471,20 @@ fn session_report(worker: &TestWorker) -> SessionReport {
         sessions.len() == 1 && sessions[0].closed
     });
     assert_eq!(sessions.len(), 1, "one session");
-    sessions[0].clone()
+    let report = sessions[0].clone();
+    eprintln!(
+        "worker: assembled {}, skipped {}, decoded {}, processed {}, dropped (realtime) {}, \
+         PLIs {}, BYE {}, errors {:?}",
+        report.live_frames_assembled,
+        report.live_frames_skipped,
+        report.live_frames_decoded,
+        report.live_frames_processed,
+        report.live_frames_dropped_realtime,
+        report.live_plis_sent,
+        report.live_bye_received,
+        report.live_decode_errors,
+    );
+    report
 }
 
 fn close(a: [u8; 3], b: &Value) -> bool {
