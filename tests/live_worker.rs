@@ -101,6 +101,10 @@ struct ClientOptions {
     data_output: Value,
     frame_interval: Duration,
     keyframe_interval: u32,
+    /// The transceiver's direction: sendrecv like the plugin, or sendonly.
+    direction: RTCRtpTransceiverDirection,
+    /// Ends with an RTCP BYE; without, the client waits a moment and closes.
+    bye: bool,
 }
 
 impl Default for ClientOptions {
@@ -113,6 +117,8 @@ impl Default for ClientOptions {
             data_output: json!(["rgb_color"]),
             frame_interval: Duration::from_millis(33),
             keyframe_interval: 30,
+            direction: RTCRtpTransceiverDirection::Sendrecv,
+            bye: true,
         }
     }
 }
@@ -330,7 +336,7 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
         .add_transceiver_from_track(
             track.clone() as Arc<dyn TrackLocal>,
             Some(RTCRtpTransceiverInit {
-                direction: RTCRtpTransceiverDirection::Sendrecv,
+                direction: options.direction,
                 streams: Vec::new(),
                 send_encodings: Vec::new(),
             }),
@@ -421,18 +427,25 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
         next_send += options.frame_interval;
         tokio::time::sleep_until(next_send).await;
     }
-    let bye: Box<dyn rtc::rtcp::Packet> = Box::new(Goodbye {
-        sources: vec![run.ssrc],
-        reason: Bytes::new(),
-    });
-    bounded("write_rtcp (BYE)", track.write_rtcp(vec![bye]))
-        .await
-        .unwrap();
+    if options.bye {
+        let bye: Box<dyn rtc::rtcp::Packet> = Box::new(Goodbye {
+            sources: vec![run.ssrc],
+            reason: Bytes::new(),
+        });
+        bounded("write_rtcp (BYE)", track.write_rtcp(vec![bye]))
+            .await
+            .unwrap();
+    }
 
     // Results until processing_complete, then a little longer to catch a second one.
     let mut results = Results::default();
     let mut complete_deadline: Option<tokio::time::Instant> = None;
-    let overall = tokio::time::Instant::now() + Duration::from_secs(60);
+    let overall = tokio::time::Instant::now()
+        + if options.bye {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(1)
+        };
     loop {
         let until = complete_deadline.unwrap_or(overall).min(overall);
         let message = match tokio::time::timeout_at(until, messages_rx.recv()).await {
@@ -697,4 +710,72 @@ fn a_codec_the_server_cannot_decode_is_refused_with_500() {
     );
     assert!(worker.sessions().is_empty(), "no session");
     assert_eq!(worker.requests().last().map(|r| r.status), Some(500));
+}
+
+#[test]
+fn realtime_without_delay_keeps_up() {
+    let worker = TestWorker::start(WorkerConfig::default());
+    let run = client_run(
+        &worker,
+        ClientOptions {
+            realtime: true,
+            ..ClientOptions::default()
+        },
+    );
+    assert_eq!(run.status, 200, "{}", run.error_body);
+    assert_eq!(run.processing_complete, 1);
+    let indexes = check_results(&run, run.sent[0].rtp);
+    let report = session_report(&worker);
+    assert_eq!(
+        report.live_frames_processed + report.live_frames_dropped_realtime,
+        30
+    );
+    // A frame every 33 ms and a worker that needs a few: at most the last
+    // one can be lost, when it is still waiting as the BYE ends the track.
+    assert!(indexes.len() >= 29, "{indexes:?}");
+}
+
+#[test]
+fn sendonly_offer_and_images_on_the_data_channel() {
+    let worker = TestWorker::start(WorkerConfig::default());
+    let run = client_run(
+        &worker,
+        ClientOptions {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            data_output: json!(["rgb_color", "image"]),
+            frames: 10,
+            ..ClientOptions::default()
+        },
+    );
+    assert_eq!(run.status, 200, "{}", run.error_body);
+    assert_eq!(run.processing_complete, 1);
+    let indexes = check_results(&run, run.sent[0].rtp);
+    assert_eq!(indexes, (0..10).collect::<Vec<_>>());
+    for result in &run.results {
+        let image = &result["serialized_output_data"]["image"];
+        assert_eq!(image["type"], json!("base64"), "{image}");
+        assert!(image["value"].as_str().is_some_and(|v| v.starts_with("/9j/")), "a JPEG");
+    }
+    let report = session_report(&worker);
+    assert_eq!(report.live_offer_direction.as_deref(), Some("sendonly"));
+    assert_eq!(report.live_answer_direction.as_deref(), Some("recvonly"));
+}
+
+#[test]
+fn a_client_that_closes_without_bye_ends_the_session() {
+    let worker = TestWorker::start(WorkerConfig::default());
+    let run = client_run(
+        &worker,
+        ClientOptions {
+            bye: false,
+            frames: 10,
+            ..ClientOptions::default()
+        },
+    );
+    assert_eq!(run.status, 200, "{}", run.error_body);
+    assert_eq!(run.processing_complete, 0, "no BYE, no processing_complete before the close");
+    let report = session_report(&worker);
+    assert!(report.closed);
+    assert!(!report.live_bye_received);
+    assert_eq!(report.live_frames_assembled, 10);
 }
