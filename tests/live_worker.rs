@@ -240,7 +240,11 @@ struct Results {
 impl Results {
     fn take(&mut self, message: &[u8]) -> Option<Value> {
         let word = |at: usize| u32::from_le_bytes(message[at..at + 4].try_into().unwrap());
-        assert!(message.len() >= 12, "result message of {} bytes", message.len());
+        assert!(
+            message.len() >= 12,
+            "result message of {} bytes",
+            message.len()
+        );
         let (frame_id, index, total) = (word(0), word(4) as usize, word(8) as usize);
         let chunks = self
             .partial
@@ -288,7 +292,6 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
             RTCRtpCodecParameters {
                 rtp_codec: rtp_codec.clone(),
                 payload_type: 96,
-                ..Default::default()
             },
             RtpCodecKind::Video,
         )
@@ -456,9 +459,8 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
         if let Some(result) = results.take(&message) {
             if result["processing_complete"] == json!(true) {
                 run.processing_complete += 1;
-                complete_deadline.get_or_insert(
-                    tokio::time::Instant::now() + Duration::from_millis(500),
-                );
+                complete_deadline
+                    .get_or_insert(tokio::time::Instant::now() + Duration::from_millis(500));
             } else {
                 run.results.push(result);
             }
@@ -523,7 +525,10 @@ fn check_results(run: &ClientRun, first_rtp: u32) -> Vec<usize> {
             "frame ids count processed frames"
         );
         let time_base = metadata["time_base"].as_f64().unwrap();
-        assert!((time_base - 1.0 / 90_000.0).abs() < 1e-12, "time_base {time_base}");
+        assert!(
+            (time_base - 1.0 / 90_000.0).abs() < 1e-12,
+            "time_base {time_base}"
+        );
         let pts = metadata["pts"].as_u64().unwrap();
         let index = run
             .sent
@@ -554,7 +559,11 @@ fn vp8_track_every_frame_in_order() {
     assert_eq!(run.status, 200, "{}", run.error_body);
     assert_eq!(run.processing_complete, 1, "processing_complete once");
     let indexes = check_results(&run, run.sent[0].rtp);
-    assert_eq!(indexes, (0..30).collect::<Vec<_>>(), "every frame, in order");
+    assert_eq!(
+        indexes,
+        (0..30).collect::<Vec<_>>(),
+        "every frame, in order"
+    );
 
     let report = session_report(&worker);
     assert_eq!(report.live_track_codec.as_deref(), Some("video/VP8"));
@@ -569,8 +578,15 @@ fn vp8_track_every_frame_in_order() {
     assert!(report.live_bye_received, "BYE seen");
     assert!(report.processing_complete_sent);
     assert_eq!(report.results.len(), 30);
-    assert!(report.live_decode_errors.is_empty(), "{:?}", report.live_decode_errors);
-    assert_eq!(report.track_codec, None, "no returned track with stream_output []");
+    assert!(
+        report.live_decode_errors.is_empty(),
+        "{:?}",
+        report.live_decode_errors
+    );
+    assert_eq!(
+        report.track_codec, None,
+        "no returned track with stream_output []"
+    );
 }
 
 #[test]
@@ -615,7 +631,11 @@ fn batch_processes_a_backlog_in_order() {
     assert_eq!(run.status, 200, "{}", run.error_body);
     assert_eq!(run.processing_complete, 1);
     let indexes = check_results(&run, run.sent[0].rtp);
-    assert_eq!(indexes, (0..30).collect::<Vec<_>>(), "every frame after the BYE too");
+    assert_eq!(
+        indexes,
+        (0..30).collect::<Vec<_>>(),
+        "every frame after the BYE too"
+    );
     let report = session_report(&worker);
     assert_eq!(report.live_frames_dropped_realtime, 0);
 }
@@ -636,7 +656,11 @@ fn lost_first_frame_counts_pts_from_the_second() {
     assert_eq!(run.status, 200, "{}", run.error_body);
     assert_eq!(run.processing_complete, 1);
     let report = session_report(&worker);
-    assert_eq!(report.live_first_rtp, Some(run.sent[1].rtp), "first assembled: the second frame");
+    assert_eq!(
+        report.live_first_rtp,
+        Some(run.sent[1].rtp),
+        "first assembled: the second frame"
+    );
     assert_eq!(report.live_frames_assembled, 29);
     assert!(report.live_packets_discarded > 0);
     // Delta frames before the next keyframe cannot be decoded: skipped, with PLIs.
@@ -645,7 +669,11 @@ fn lost_first_frame_counts_pts_from_the_second() {
     let indexes = check_results(&run, run.sent[1].rtp);
     assert_eq!(indexes.len() as u32, 29 - report.live_frames_skipped);
     let first = indexes[0];
-    assert_eq!(indexes, (first..30).collect::<Vec<_>>(), "every frame from the keyframe on");
+    assert_eq!(
+        indexes,
+        (first..30).collect::<Vec<_>>(),
+        "every frame from the keyframe on"
+    );
 }
 
 #[test]
@@ -682,9 +710,15 @@ fn h264_track_with_a_returned_track() {
         .iter()
         .map(|r| origin.wrapping_add(r["video_metadata"]["pts"].as_u64().unwrap() as u32))
         .collect();
-    assert!(!run.returned_timestamps.is_empty(), "returned track frames arrived");
+    assert!(
+        !run.returned_timestamps.is_empty(),
+        "returned track frames arrived"
+    );
     for timestamp in &run.returned_timestamps {
-        assert!(expected.contains(timestamp), "returned frame ts {timestamp} is no origin + pts");
+        assert!(
+            expected.contains(timestamp),
+            "returned frame ts {timestamp} is no origin + pts"
+        );
     }
     assert_eq!(report.track_frames_sent, 30);
 }
@@ -754,7 +788,12 @@ fn sendonly_offer_and_images_on_the_data_channel() {
     for result in &run.results {
         let image = &result["serialized_output_data"]["image"];
         assert_eq!(image["type"], json!("base64"), "{image}");
-        assert!(image["value"].as_str().is_some_and(|v| v.starts_with("/9j/")), "a JPEG");
+        assert!(
+            image["value"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("/9j/")),
+            "a JPEG"
+        );
     }
     let report = session_report(&worker);
     assert_eq!(report.live_offer_direction.as_deref(), Some("sendonly"));
@@ -773,7 +812,10 @@ fn a_client_that_closes_without_bye_ends_the_session() {
         },
     );
     assert_eq!(run.status, 200, "{}", run.error_body);
-    assert_eq!(run.processing_complete, 0, "no BYE, no processing_complete before the close");
+    assert_eq!(
+        run.processing_complete, 0,
+        "no BYE, no processing_complete before the close"
+    );
     let report = session_report(&worker);
     assert!(report.closed);
     assert!(!report.live_bye_received);

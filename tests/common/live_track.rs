@@ -685,10 +685,8 @@ fn run_decoder(
             let _ = pli.send(());
         }
     }
-    if let Some(decoder) = decoder.take() {
-        if let Some(failure) = decoder.finish() {
-            error(failure);
-        }
+    if let Some(failure) = decoder.take().and_then(LiveDecoder::finish) {
+        error(failure);
     }
     let dropped = queue.end();
     if dropped > 0 {
