@@ -105,6 +105,8 @@ struct ClientOptions {
     direction: RTCRtpTransceiverDirection,
     /// Ends with an RTCP BYE; without, the client waits a moment and closes.
     bye: bool,
+    /// After the BYE, how long to wait for `processing_complete`.
+    complete_wait: Duration,
 }
 
 impl Default for ClientOptions {
@@ -119,6 +121,7 @@ impl Default for ClientOptions {
             keyframe_interval: 30,
             direction: RTCRtpTransceiverDirection::Sendrecv,
             bye: true,
+            complete_wait: Duration::from_secs(60),
         }
     }
 }
@@ -418,13 +421,16 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
 
     let origin: u32 = 0xffff_0000; // wraps after a few frames
     let mut next_send = tokio::time::Instant::now();
-    for (index, (packets, color)) in frames.into_iter().enumerate() {
+    'frames: for (index, (packets, color)) in frames.into_iter().enumerate() {
         let rtp = origin.wrapping_add(index as u32 * TICKS_PER_FRAME);
         for mut packet in packets {
             packet.header.timestamp = rtp;
             packet.header.ssrc = run.ssrc;
             packet.header.payload_type = payload_type;
-            bounded("write_rtp", track.write_rtp(packet)).await.unwrap();
+            // Fails only once the worker has gone (a fault test).
+            if bounded("write_rtp", track.write_rtp(packet)).await.is_err() {
+                break 'frames;
+            }
         }
         run.sent.push(SentFrame { rtp, color });
         next_send += options.frame_interval;
@@ -435,9 +441,7 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
             sources: vec![run.ssrc],
             reason: Bytes::new(),
         });
-        bounded("write_rtcp (BYE)", track.write_rtcp(vec![bye]))
-            .await
-            .unwrap();
+        let _ = bounded("write_rtcp (BYE)", track.write_rtcp(vec![bye])).await;
     }
 
     // Results until processing_complete, then a little longer to catch a second one.
@@ -445,7 +449,7 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
     let mut complete_deadline: Option<tokio::time::Instant> = None;
     let overall = tokio::time::Instant::now()
         + if options.bye {
-            Duration::from_secs(60)
+            options.complete_wait
         } else {
             Duration::from_secs(1)
         };
@@ -820,4 +824,48 @@ fn a_client_that_closes_without_bye_ends_the_session() {
     assert!(report.closed);
     assert!(!report.live_bye_received);
     assert_eq!(report.live_frames_assembled, 10);
+}
+
+#[test]
+fn sendonly_offer_asking_for_a_returned_track_gets_nothing() {
+    let worker = TestWorker::start(WorkerConfig::default());
+    let run = client_run(
+        &worker,
+        ClientOptions {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            stream_output: Value::Null,
+            frames: 5,
+            complete_wait: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    );
+    assert_eq!(run.status, 200, "{}", run.error_body);
+    assert!(run.results.is_empty());
+    assert_eq!(run.processing_complete, 0);
+    let report = session_report(&worker);
+    assert_eq!(report.live_frames_processed, 0);
+    assert_eq!(
+        report.live_decode_errors.len(),
+        1,
+        "{:?}",
+        report.live_decode_errors
+    );
+}
+
+#[test]
+fn drop_peer_after_frames_applies_to_a_live_track() {
+    let worker = TestWorker::start(
+        WorkerConfig::default().with_fault(common::worker::Fault::DropPeerAfterFrames(5)),
+    );
+    let run = client_run(
+        &worker,
+        ClientOptions {
+            complete_wait: Duration::from_secs(3),
+            ..ClientOptions::default()
+        },
+    );
+    assert_eq!(run.status, 200, "{}", run.error_body);
+    assert_eq!(run.results.len(), 5);
+    assert_eq!(run.processing_complete, 0);
+    assert!(session_report(&worker).closed);
 }

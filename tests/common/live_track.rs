@@ -28,6 +28,7 @@
 //! waits for the client to close.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ use webrtc::peer_connection::Registry;
 use super::{
     DecodedFrame, Fault, JpegEncoder, OfferedCodec, RtpEncoder, Session, TrackCodec,
     VIDEO_CLOCK_RATE, frame_messages, inverted_frame, send_all, send_processing_complete,
-    send_track_frame, summarize_frame,
+    send_track_frame, summarize_frame, wait_drained,
 };
 
 /// The client's track as the offer described it.
@@ -861,6 +862,25 @@ async fn process_live(session: Arc<Session>, queue: Arc<LiveQueue>) {
         if let Some(track) = &session.track {
             send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
             tokio::time::sleep(session.config.track_frame_gap).await;
+        }
+        // The faults that end a session after N results, as in file mode.
+        let silent_after = session.config.find(|f| match f {
+            Fault::GoSilentAfterFrames(n) => Some(*n),
+            _ => None,
+        });
+        if silent_after.is_some_and(|n| frame_id >= n) {
+            wait_drained(&control).await;
+            session.silenced.store(true, Ordering::Relaxed);
+            return;
+        }
+        let dropped = session.config.find(|f| match f {
+            Fault::DropPeerAfterFrames(n) => Some(*n),
+            _ => None,
+        });
+        if dropped.is_some_and(|n| frame_id >= n) {
+            wait_drained(&control).await;
+            session.end();
+            return;
         }
     }
     if let Some(encoder) = encoder.take() {

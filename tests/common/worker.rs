@@ -145,7 +145,9 @@ pub struct WorkerConfig {
     /// Nth decoded frame is skipped, as the server drops the frames that
     /// arrive while it is busy. A skipped frame is never processed: no
     /// result, no RTP, and `frame_id` (the server's count of processed
-    /// frames) stays contiguous while `pts` keeps the gap.
+    /// frames) stays contiguous while `pts` keeps the gap. Applies to a live
+    /// track too (every Nth decoded picture, deterministically, on top of
+    /// the drops `live_process_delay` causes).
     pub realtime_drop_every: Option<u32>,
     /// `video_metadata.time_base` as (num, den) seconds per pts unit; `pts`
     /// is the frame's time in those units, rounded (PyAV reports the
@@ -1155,11 +1157,24 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
             Some(PeerEvent::DataChannel(channel)) => attach_channel(&session, channel).await,
             Some(PeerEvent::Track(track)) => {
                 let offer = session.live.lock().unwrap().clone();
-                if let Some(offer) = offer
-                    && !session.processing_started.swap(true, Ordering::SeqCst)
-                {
-                    tokio::spawn(live::run_live_track(session.clone(), track, offer));
+                let Some(offer) = offer else { continue };
+                if session.processing_started.swap(true, Ordering::SeqCst) {
+                    continue;
                 }
+                let request = session.report.lock().unwrap().request.clone();
+                if offer.direction == "sendonly" && stream_output_wanted(&request) {
+                    // aiortc pulls frames through the returned track's
+                    // sender, which a sendonly offer never starts (§10).
+                    session.update(|report| {
+                        report.live_decode_errors.push(
+                            "sendonly offer with a returned track asked for: the server's \
+                             sender never starts and nothing is processed"
+                                .to_owned(),
+                        )
+                    });
+                    continue;
+                }
+                tokio::spawn(live::run_live_track(session.clone(), track, offer));
             }
             Some(PeerEvent::State(
                 RTCPeerConnectionState::Closed | RTCPeerConnectionState::Failed,
