@@ -26,10 +26,7 @@ pub fn make_clip(path: &Path, frames: u32, width: u32, height: u32) -> PathBuf {
         path.display()
     );
     let pipeline = gst::parse::launch(&description).expect("clip pipeline parses");
-    let outcome = run(
-        &pipeline.downcast::<gst::Pipeline>().unwrap(),
-        Duration::from_secs(60),
-    );
+    let outcome = run(&pipeline.downcast::<gst::Pipeline>().unwrap(), Duration::from_secs(60));
     assert!(outcome.eos, "making the clip failed: {:?}", outcome.error);
     path.to_owned()
 }
@@ -102,9 +99,7 @@ pub fn run_with(
             outcome.timed_out = true;
             break;
         }
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_nseconds(
-            (deadline - now).as_nanos() as u64,
-        )) else {
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_nseconds((deadline - now).as_nanos() as u64)) else {
             outcome.timed_out = true;
             break;
         };
@@ -115,16 +110,10 @@ pub fn run_with(
                 break;
             }
             gst::MessageView::Error(err) => {
-                outcome.error = Some(format!(
-                    "{} ({})",
-                    err.error(),
-                    err.debug().unwrap_or_default()
-                ));
+                outcome.error = Some(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
                 break;
             }
-            gst::MessageView::Warning(warning) => {
-                outcome.warnings.push(warning.error().to_string())
-            }
+            gst::MessageView::Warning(warning) => outcome.warnings.push(warning.error().to_string()),
             gst::MessageView::Element(element) => {
                 if let Some(structure) = element.structure() {
                     outcome.messages.push(structure.to_owned());
@@ -148,9 +137,7 @@ pub fn launch(description: &str) -> gst::Pipeline {
 }
 
 pub fn sink_of(pipeline: &gst::Pipeline, name: &str) -> gst::Element {
-    pipeline
-        .by_name(name)
-        .unwrap_or_else(|| panic!("no element named {name}"))
+    pipeline.by_name(name).unwrap_or_else(|| panic!("no element named {name}"))
 }
 
 /// A minimal valid workflow (the test worker accepts any with `steps`).
@@ -192,11 +179,7 @@ pub fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) 
                 first_is_sink = is_sink(message);
             }
             if is_sink(message) {
-                errors.push(format!(
-                    "{} ({})",
-                    err.error(),
-                    err.debug().unwrap_or_default()
-                ));
+                errors.push(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
             }
             return true;
         }
@@ -206,13 +189,8 @@ pub fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) 
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut failed = false;
     while !failed && Instant::now() < deadline {
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
-            continue;
-        };
-        assert!(
-            !matches!(message.view(), gst::MessageView::Eos(_)),
-            "EOS instead of an error"
-        );
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        assert!(!matches!(message.view(), gst::MessageView::Eos(_)), "EOS instead of an error");
         failed = count(&message, &mut errors);
     }
     assert!(failed, "no error within 30 s");
@@ -220,9 +198,7 @@ pub fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) 
     std::thread::sleep(Duration::from_millis(300));
     pipeline.set_state(gst::State::Null).unwrap();
     for _ in 0..10_000 {
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(300)) else {
-            break;
-        };
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(300)) else { break };
         count(&message, &mut errors);
     }
     (errors, first_is_sink)
@@ -230,11 +206,7 @@ pub fn sink_errors(pipeline: &gst::Pipeline, sink: &str) -> (Vec<String>, bool) 
 
 /// Like `run`, and also returns the `stats` of the element `name` as they
 /// were when EOS reached the bus (the counts are final then).
-pub fn run_with_stats_at_eos(
-    pipeline: &gst::Pipeline,
-    limit: Duration,
-    name: &str,
-) -> (Outcome, Option<gst::Structure>) {
+pub fn run_with_stats_at_eos(pipeline: &gst::Pipeline, limit: Duration, name: &str) -> (Outcome, Option<gst::Structure>) {
     let element = sink_of(pipeline, name);
     let mut stats = None;
     let outcome = run_with(pipeline, limit, |_, message| {

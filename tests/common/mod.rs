@@ -1,3 +1,3 @@
+pub mod worker;
 pub mod harness;
 pub mod video_track;
-pub mod worker;
