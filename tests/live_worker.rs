@@ -421,9 +421,11 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
 
     let origin: u32 = 0xffff_0000; // wraps after a few frames
     let mut next_send = tokio::time::Instant::now();
+    let mut last_sequence = 0u16;
     'frames: for (index, (packets, color)) in frames.into_iter().enumerate() {
         let rtp = origin.wrapping_add(index as u32 * TICKS_PER_FRAME);
         for mut packet in packets {
+            last_sequence = packet.header.sequence_number;
             packet.header.timestamp = rtp;
             packet.header.ssrc = run.ssrc;
             packet.header.payload_type = payload_type;
@@ -435,6 +437,22 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
         run.sent.push(SentFrame { rtp, color });
         next_send += options.frame_interval;
         tokio::time::sleep_until(next_send).await;
+    }
+    // The server completes a frame when the next timestamp starts: a last
+    // packet with a new timestamp and no data lets the last frame through.
+    if let Some(last) = run.sent.last() {
+        let payload: &[u8] = match options.codec.track_codec() {
+            TrackCodec::Vp8 => &[0x00],
+            TrackCodec::H264 => &[0x1c, 0x01],
+        };
+        let mut boundary = rtp::Packet::default();
+        boundary.header.version = 2;
+        boundary.header.timestamp = last.rtp.wrapping_add(TICKS_PER_FRAME);
+        boundary.header.sequence_number = last_sequence.wrapping_add(1);
+        boundary.header.ssrc = run.ssrc;
+        boundary.header.payload_type = payload_type;
+        boundary.payload = Bytes::copy_from_slice(payload);
+        let _ = bounded("write_rtp (boundary)", track.write_rtp(boundary)).await;
     }
     if options.bye {
         let bye: Box<dyn rtc::rtcp::Packet> = Box::new(Goodbye {

@@ -5,7 +5,8 @@
 //! returned track). The path of a frame:
 //!
 //! 1. [`run_live_track`] polls the webrtc-rs `TrackRemote` and assembles RTP
-//!    packets into frames by timestamp, up to the marker bit ([`Assembler`]).
+//!    packets into frames by timestamp as aiortc does: complete when the next
+//!    timestamp starts ([`Assembler`]).
 //!    The first complete frame's timestamp is `first_rtp`; a frame's `pts` is
 //!    `(rtp − first_rtp) mod 2^32` at 90 kHz.
 //! 2. A decoder thread ([`run_decoder`]) feeds each frame's packets to
@@ -172,7 +173,11 @@ enum Assembly {
     Broken(String),
 }
 
-/// Groups packets by RTP timestamp; a frame ends with its marker bit.
+/// Groups packets by RTP timestamp as aiortc's jitter buffer does: a frame
+/// is complete when a packet with another timestamp arrives; the marker bit
+/// is not looked at. So the newest frame waits for the next packet, and the
+/// last frame of a stream is never complete unless a packet follows it (the
+/// plugin sends a boundary packet after each frame for that reason).
 struct Assembler {
     codec: TrackCodec,
     lose_first: bool,
@@ -192,8 +197,7 @@ impl Assembler {
         }
     }
 
-    /// Takes one packet; the outcomes in order (a frame left without its
-    /// marker bit is given up when the next timestamp starts).
+    /// Takes one packet; the outcomes in order.
     fn push(&mut self, packet: rtp::Packet) -> Vec<Assembly> {
         let timestamp = packet.header.timestamp;
         let first_seen = *self.first_timestamp_seen.get_or_insert(timestamp);
@@ -201,26 +205,17 @@ impl Assembler {
             return vec![Assembly::Discarded];
         }
         let mut outcomes = Vec::new();
-        if let Some((current, packets)) = &self.current
-            && *current != timestamp
-        {
-            outcomes.push(Assembly::Broken(format!(
-                "frame rtp {current}: no marker bit ({} packets), given up",
-                packets.len()
-            )));
-            self.current = None;
+        if self.current.as_ref().is_some_and(|(current, _)| *current != timestamp) {
+            let (current, packets) = self.current.take().expect("checked");
+            outcomes.push(self.finish(current, packets));
         }
         let (_, packets) = self.current.get_or_insert_with(|| (timestamp, Vec::new()));
-        let marker = packet.header.marker;
         packets.push(packet);
         if packets.len() > MAX_PACKETS_PER_FRAME {
             self.current = None;
             outcomes.push(Assembly::Broken(format!(
                 "frame rtp {timestamp}: over {MAX_PACKETS_PER_FRAME} packets, given up"
             )));
-        } else if marker {
-            let (_, packets) = self.current.take().expect("a frame in progress");
-            outcomes.push(self.finish(timestamp, packets));
         } else {
             outcomes.push(Assembly::Pending);
         }
@@ -236,6 +231,16 @@ impl Assembler {
         if !contiguous {
             return Assembly::Broken(format!("frame rtp {timestamp}: a packet is missing"));
         }
+        // Packets that depayload to no bytes add nothing to the frame.
+        let codec = self.codec;
+        packets.retain(|packet| !depayloads_to_nothing(codec, &packet.payload));
+        if packets.is_empty() {
+            // aiortc would hand PyAV an empty packet: a flush, after which
+            // its decoder decodes nothing more.
+            return Assembly::Broken(format!(
+                "frame rtp {timestamp}: no data (an empty frame would flush aiortc's decoder)"
+            ));
+        }
         if !starts_frame(self.codec, &packets[0].payload) {
             return Assembly::Broken(format!(
                 "frame rtp {timestamp}: its first packet is missing"
@@ -249,6 +254,39 @@ impl Assembler {
             packets,
         })
     }
+}
+
+/// aiortc's depayloader returns no bytes for this payload: a VP8 payload
+/// descriptor alone, or an H.264 FU-A fragment that neither starts nor
+/// carries data.
+fn depayloads_to_nothing(codec: TrackCodec, payload: &[u8]) -> bool {
+    match codec {
+        TrackCodec::Vp8 => vp8_descriptor_len(payload).is_some_and(|len| len >= payload.len()),
+        TrackCodec::H264 => {
+            payload.len() <= 2 && payload.first().is_some_and(|b| b & 0x1f == 28) && payload.get(1).is_some_and(|fu| fu & 0x80 == 0)
+        }
+    }
+}
+
+/// The length of a VP8 payload descriptor (RFC 7741 §4.2).
+fn vp8_descriptor_len(payload: &[u8]) -> Option<usize> {
+    let descriptor = *payload.first()?;
+    let mut len = 1;
+    if descriptor & 0x80 != 0 {
+        let extension = *payload.get(1)?;
+        len = 2;
+        if extension & 0x80 != 0 {
+            // PictureID: 15 bits when its M bit is set, else 7.
+            len += if payload.get(len)? & 0x80 != 0 { 2 } else { 1 };
+        }
+        if extension & 0x40 != 0 {
+            len += 1;
+        }
+        if extension & 0x30 != 0 {
+            len += 1;
+        }
+    }
+    Some(len)
 }
 
 /// The packet starts a frame: VP8 (RFC 7741) S bit with partition 0; H.264
@@ -273,31 +311,7 @@ fn is_keyframe(codec: TrackCodec, packets: &[rtp::Packet]) -> bool {
 }
 
 fn vp8_keyframe(payload: &[u8]) -> bool {
-    let Some(&descriptor) = payload.first() else {
-        return false;
-    };
-    let mut offset = 1;
-    if descriptor & 0x80 != 0 {
-        let Some(&extension) = payload.get(1) else {
-            return false;
-        };
-        offset = 2;
-        if extension & 0x80 != 0 {
-            // PictureID: 15 bits when its M bit is set, else 7.
-            offset += if payload.get(offset).is_some_and(|b| b & 0x80 != 0) {
-                2
-            } else {
-                1
-            };
-        }
-        if extension & 0x40 != 0 {
-            offset += 1;
-        }
-        if extension & 0x30 != 0 {
-            offset += 1;
-        }
-    }
-    payload.get(offset).is_some_and(|header| header & 0x01 == 0)
+    vp8_descriptor_len(payload).and_then(|len| payload.get(len)).is_some_and(|header| header & 0x01 == 0)
 }
 
 fn h264_has_idr(payload: &[u8]) -> bool {
