@@ -409,31 +409,6 @@ fn a_killed_server_worker_is_an_error_within_seconds() {
     assert!(killed.elapsed() < Duration::from_secs(60), "the error came {:?} after the kill", killed.elapsed());
 }
 
-/// Checks each live result against the frame it was paired with: its pts
-/// is a painted buffer's, and the Workflow's dominant colour is that
-/// buffer's colour. Returns the indices, in message order.
-fn check_live_pairing(outcome: &Outcome, painted: &common::live::Painted) -> Vec<u64> {
-    let painted = painted.lock().unwrap();
-    let mut indices = Vec::new();
-    for message in outcome.named("roboflow-inference") {
-        let frame_id = message.get::<u64>("frame-id").unwrap();
-        let pts = message.get::<Option<gst::ClockTime>>("pts").unwrap().unwrap_or_else(|| panic!("result {frame_id}: no pts"));
-        let index = *painted.get(&pts.nseconds()).unwrap_or_else(|| panic!("result {frame_id}: pts {pts} is no buffer's"));
-        let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
-        let rgb = common::live::rgb_color(&json).unwrap_or_else(|| panic!("result {frame_id}: no rgb_color in {json}"));
-        assert_eq!(
-            common::live::index_of(rgb),
-            Some(index % common::live::COLOURS),
-            "result {frame_id} paired with frame {index} (colour {:?}) saw colour {rgb:?}",
-            common::live::colour(index)
-        );
-        let latency = message.get::<Option<gst::ClockTime>>("latency").unwrap();
-        assert!(latency.is_some(), "result {frame_id}: no latency");
-        indices.push(index);
-    }
-    indices
-}
-
 #[test]
 #[ignore = "needs the real server: scripts/test.sh"]
 fn live_video_lossless_pairs_every_frame_with_its_own_result() {
@@ -448,7 +423,7 @@ fn live_video_lossless_pairs_every_frame_with_its_own_result() {
     let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
     let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "sink");
     assert!(outcome.eos, "no EOS: {:?}", outcome.error);
-    let indices = check_live_pairing(&outcome, &painted);
+    let indices = common::live::check_pairing(&outcome, &painted);
     assert_eq!(indices, (0..frames).collect::<Vec<_>>(), "every frame's result, in order");
     let stats = stats.expect("stats at EOS");
     assert_eq!(stats.get::<String>("upload-mode").unwrap(), "live", "{stats}");
@@ -489,7 +464,7 @@ fn live_h264_realtime_drops_are_counted_and_results_stay_paired() {
         false
     });
     assert!(outcome.eos, "no EOS: {:?}", outcome.error);
-    let indices = check_live_pairing(&outcome, &painted);
+    let indices = common::live::check_pairing(&outcome, &painted);
     assert!(indices.len() >= wanted, "only {} results", indices.len());
     assert!(indices.windows(2).all(|w| w[0] < w[1]), "results in frame order");
     let stats = stats.expect("stats at EOS");

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use gst::prelude::*;
 
+use super::harness::Outcome;
+
 /// Channel levels: 5 per channel, 55 apart (125 colours), far enough apart
 /// for VP8/H.264, twice, and the RGB/YUV round trips to keep them distinct
 /// (the server's returned track darkens its first frames by up to 18).
@@ -85,4 +87,40 @@ pub fn paint_frames(element: &gst::Element) -> Painted {
         gst::PadProbeReturn::Ok
     });
     painted
+}
+
+/// Checks each live result against the frame it was paired with: the
+/// Workflow's dominant colour is the colour of the buffer whose PTS the
+/// result carries. An encoder between the painter and the sink may move
+/// every PTS by a constant (x264enc: 1000 hours), read off the first result.
+/// Returns the frame indices, in message order.
+pub fn check_pairing(outcome: &Outcome, painted: &Painted) -> Vec<u64> {
+    let painted = painted.lock().unwrap();
+    let by_index: HashMap<u64, u64> = painted.iter().map(|(pts, index)| (*index, *pts)).collect();
+    let mut offset: Option<i128> = None;
+    let mut indices = Vec::new();
+    for message in outcome.named("roboflow-inference") {
+        let frame_id = message.get::<u64>("frame-id").unwrap();
+        let pts = message.get::<Option<gst::ClockTime>>("pts").unwrap().unwrap_or_else(|| panic!("result {frame_id}: no pts"));
+        let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
+        let rgb = rgb_color(&json).unwrap_or_else(|| panic!("result {frame_id}: no rgb_color in {json}"));
+        let seen = index_of(rgb).unwrap_or_else(|| panic!("result {frame_id}: colour {rgb:?} is no frame's"));
+        let offset = *offset.get_or_insert_with(|| {
+            // The first result's frame: the earliest painted with its colour.
+            let index = (0..).map(|k| seen + k * COLOURS).find(|i| by_index.contains_key(i)).expect("a painted frame");
+            i128::from(pts.nseconds()) - i128::from(by_index[&index])
+        });
+        let source_pts = u64::try_from(i128::from(pts.nseconds()) - offset).unwrap();
+        let index = *painted.get(&source_pts).unwrap_or_else(|| panic!("result {frame_id}: pts {pts} is no buffer's"));
+        assert_eq!(
+            seen,
+            index % COLOURS,
+            "result {frame_id} paired with frame {index} (colour {:?}) saw colour {rgb:?}",
+            colour(index)
+        );
+        let latency = message.get::<Option<gst::ClockTime>>("latency").unwrap();
+        assert!(latency.is_some(), "result {frame_id}: no latency");
+        indices.push(index);
+    }
+    indices
 }
