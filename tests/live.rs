@@ -176,6 +176,11 @@ fn a_lost_first_frame_does_not_shift_any_result() {
     assert!(!indices.is_empty() && indices[0] > 0, "{indices:?}");
     assert_eq!(*indices.last().unwrap(), frames - 1);
     assert_eq!(stat(&stats, "results-unpaired"), 0, "{stats}");
+    // The worker's keyframe request (PLI) gets a keyframe at once, and a
+    // frame past the full window: no wait for the periodic keyframe, no stall.
+    assert!(stat(&stats, "keyframe-requests") >= 1, "{stats}");
+    assert!(indices[0] < 10, "decoding resumed at frame {}", indices[0]);
+    assert_eq!(indices.len() as u64 + stat(&stats, "frames-skipped"), frames, "{stats}");
 }
 
 #[test]

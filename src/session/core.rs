@@ -158,6 +158,8 @@ pub enum Input<'a> {
     FrameDropped,
     /// Live video: no more frames; the track ended.
     TrackEnded,
+    /// Live video: the server asked for a keyframe (it cannot decode).
+    KeyframeRequested,
     /// The time returned by [`SessionCore::poll_timeout`] has come.
     Timeout,
     /// A failure the driver saw (e.g. a send that failed).
@@ -202,6 +204,7 @@ pub struct SessionStats {
     pub frames_skipped: u64,
     pub frames_in_flight: u64,
     pub results_unpaired: u64,
+    pub keyframe_requests: u64,
 }
 
 /// The settings the core acts on, taken from the session's configuration.
@@ -220,6 +223,11 @@ struct LiveCore {
     pairing: LivePairing<FrameEvent>,
     /// Frames are in flight, and no result came since then.
     waiting_since: Option<Instant>,
+    /// The server asked for a keyframe: one more frame may go, whatever
+    /// the window, so that the server can decode again (the frames in
+    /// flight may never get a result).
+    keyframe_credit: bool,
+    keyframe_requests: u64,
 }
 
 pub struct SessionCore {
@@ -295,8 +303,9 @@ impl SessionCore {
     }
 
     /// Live video: frames sent whose result has not come back.
+    /// Less one while a keyframe request grants a frame.
     pub fn frames_in_flight(&self) -> u64 {
-        self.live.as_ref().map_or(0, |live| live.pairing.in_flight())
+        self.live.as_ref().map_or(0, |live| live.pairing.in_flight().saturating_sub(u64::from(live.keyframe_credit)))
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -315,6 +324,7 @@ impl SessionCore {
             frames_dropped: self.frames_dropped,
             frames_skipped: self.live.as_ref().map_or(0, |live| live.pairing.frames_skipped()),
             frames_in_flight: self.live.as_ref().map_or(0, |live| live.pairing.in_flight()),
+            keyframe_requests: self.live.as_ref().map_or(0, |live| live.keyframe_requests),
             results_unpaired: self.live.as_ref().map_or(0, |live| live.pairing.results_unpaired()),
         }
     }
@@ -375,7 +385,7 @@ impl SessionCore {
             Input::BeginLive => match self.state {
                 State::Connected => {
                     self.state = State::Uploading;
-                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None });
+                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None, keyframe_credit: false, keyframe_requests: 0 });
                 }
                 State::Connecting => {
                     return Err(SessionError::UploadMismatch("live video began before the session was connected".to_owned()));
@@ -386,8 +396,15 @@ impl SessionCore {
                 let live = self.live_frames()?;
                 live.pairing.on_frame_sent(rtp_timestamp, pts_ns, arrived);
                 live.waiting_since.get_or_insert(now);
+                live.keyframe_credit = false;
             }
             Input::FrameDropped => self.frames_dropped += 1,
+            Input::KeyframeRequested => {
+                if let Some(live) = self.live.as_mut() {
+                    live.keyframe_credit = true;
+                    live.keyframe_requests += 1;
+                }
+            }
             Input::TrackEnded => {
                 self.live_frames()?;
                 self.state = State::Receiving;

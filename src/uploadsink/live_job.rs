@@ -132,6 +132,16 @@ impl LiveJob {
         } else {
             sink.wait(Some(stall), stalled, self.writer.wait_in_flight_below(max))?;
         }
+        if self.writer.take_keyframe_request() {
+            // The server cannot decode: a keyframe now, from the encoder
+            // here or the one upstream.
+            if self.mode == CapsMode::Raw {
+                self.encoder.force_keyframe();
+            } else {
+                let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
+                sink.request_upstream_keyframe(event);
+            }
+        }
         let pts = buffer.pts().map(gst::ClockTime::nseconds);
         let duration = buffer.duration().and_then(|d| u32::try_from(d.nseconds() * 9 / 100_000).ok()).filter(|t| *t > 0);
         let mut packets = self.encoder.encode(buffer).map_err(Stop::failed)?;
