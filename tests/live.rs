@@ -240,3 +240,78 @@ fn a_resolution_change_mid_stream_renegotiates_the_encoder() {
     let report = only_session(&worker);
     assert!(report.live_decode_errors.is_empty(), "{:?}", report.live_decode_errors);
 }
+
+#[test]
+fn a_gap_in_timestamps_is_carried_through_to_the_results() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default());
+    let frames = 30;
+    let pipeline = launch(&format!("{} ! {}", raw_source(frames, false), live_sink(&worker, "")));
+    // Frames from 15 on come 5 s later: a camera that stalled.
+    let gap = gst::ClockTime::from_seconds(5);
+    pipeline.by_name("src").unwrap().static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        if let Some(buffer) = info.buffer_mut()
+            && buffer.offset() >= 15
+        {
+            let buffer = buffer.make_mut();
+            buffer.set_pts(buffer.pts().map(|pts| pts + gap));
+        }
+        gst::PadProbeReturn::Ok
+    });
+    let (outcome, _, indices) = run_live(&pipeline);
+    assert_eq!(indices, (0..frames).collect::<Vec<_>>());
+    let pts: Vec<u64> = outcome
+        .named("roboflow-inference")
+        .iter()
+        .map(|m| m.get::<Option<gst::ClockTime>>("pts").unwrap().unwrap().nseconds())
+        .collect();
+    let step = pts[15] - pts[14];
+    assert!(step.abs_diff(5_000_000_000 + 1_000_000_000 / 30) <= 1, "the gap is in the results' pts: {step} ns");
+}
+
+#[test]
+fn realtime_eos_while_connecting_is_an_error_that_counts_the_frames() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default().with_fault(common::worker::Fault::DelayAnswer(Duration::from_secs(3))));
+    let pipeline = launch(&format!("{} ! {}", raw_source(30, true), live_sink(&worker, "realtime-processing=true")));
+    let error = run(&pipeline, LIMIT).error.expect("an error");
+    assert!(error.contains("still connecting: its 30 frames were dropped"), "{error}");
+}
+
+/// roboflowresultsrc in a live session: every frame sent comes back, with
+/// the PTS of the buffer it came from, as JPEG and through a returned track.
+#[test]
+fn live_frames_come_back_through_roboflowresultsrc_with_their_source_pts() {
+    init();
+    for transport in ["datachannel", "track"] {
+        let worker = TestWorker::start(WorkerConfig::default());
+        let frames = 30;
+        let session = format!("live-back-{transport}");
+        let pipeline = launch(&format!(
+            "{} ! {} session={session} stream-output=image video-transport={transport} \
+             roboflowresultsrc session={session} ! videoconvert ! appsink name=out sync=false",
+            raw_source(frames, false),
+            live_sink(&worker, "")
+        ));
+        let painted = paint_frames(&pipeline.by_name("src").unwrap());
+        let out = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+        let returned: Arc<Mutex<Vec<Option<u64>>>> = Arc::default();
+        let record = returned.clone();
+        out.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    record.lock().unwrap().push(sample.buffer().unwrap().pts().map(|p| p.nseconds()));
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+        let outcome = run(&pipeline, LIMIT);
+        assert!(outcome.eos, "{transport}: {:?}", outcome.error);
+        let painted = painted.lock().unwrap();
+        let mut expected: Vec<u64> = painted.keys().copied().collect();
+        expected.sort_unstable();
+        let returned: Vec<u64> = returned.lock().unwrap().iter().map(|pts| pts.expect("a pts")).collect();
+        assert_eq!(returned, expected, "{transport}: every frame back, with its source PTS");
+    }
+}
