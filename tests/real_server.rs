@@ -504,7 +504,8 @@ fn live_video_comes_back(transport: &str) {
     ));
     let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
     let out = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
-    let returned: Arc<Mutex<Vec<(Option<u64>, [u8; 3])>>> = Arc::default();
+    type Returned = Vec<(Option<u64>, [u8; 3])>;
+    let returned: Arc<Mutex<Returned>> = Arc::default();
     let record = returned.clone();
     out.set_callbacks(
         gst_app::AppSinkCallbacks::builder()

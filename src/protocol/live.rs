@@ -91,11 +91,13 @@ impl RtpPlan {
         RtpPlan { codec, next_timestamp: origin, next_sequence: first_sequence, frames: 0 }
     }
 
+    #[cfg(test)]
     /// The timestamp the next frame carries (announced by the last boundary).
     pub fn timestamp(&self) -> u32 {
         self.next_timestamp
     }
 
+    #[cfg(test)]
     pub fn frames(&self) -> u64 {
         self.frames
     }
@@ -242,6 +244,7 @@ impl<T> LivePairing<T> {
         self.frames_sent
     }
 
+    #[cfg(test)]
     pub fn frames_paired(&self) -> u64 {
         self.frames_paired
     }
@@ -254,11 +257,13 @@ impl<T> LivePairing<T> {
         self.results_unpaired
     }
 
+    #[cfg(test)]
     /// Results wait for the anchor to be known.
     pub fn is_holding(&self) -> bool {
         !self.held.is_empty()
     }
 
+    #[cfg(test)]
     /// The anchor, once only one is possible.
     pub fn anchor(&self) -> Option<u32> {
         match self.candidates.as_deref() {

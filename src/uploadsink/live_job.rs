@@ -80,7 +80,7 @@ impl LiveJob {
             mode,
             encoder,
             plan: RtpPlan::new(codec, origin, session::random_u32() as u16),
-            frame_ticks: rate.and_then(|rate| ticks_per_frame(rate)),
+            frame_ticks: rate.and_then(ticks_per_frame),
             begun: false,
             ended: false,
             buffers: 0,
