@@ -106,7 +106,11 @@ pub fn check_pairing(outcome: &Outcome, painted: &Painted) -> Vec<u64> {
         let rgb = rgb_color(&json).unwrap_or_else(|| panic!("result {frame_id}: no rgb_color in {json}"));
         let seen = index_of(rgb).unwrap_or_else(|| panic!("result {frame_id}: colour {rgb:?} is no frame's"));
         let offset = *offset.get_or_insert_with(|| {
-            // The first result's frame: the earliest painted with its colour.
+            if painted.contains_key(&pts.nseconds()) {
+                return 0;
+            }
+            // PTS moved by an encoder: the first result's frame is the
+            // earliest painted with its colour.
             let index = (0..).map(|k| seen + k * COLOURS).find(|i| by_index.contains_key(i)).expect("a painted frame");
             i128::from(pts.nseconds()) - i128::from(by_index[&index])
         });
