@@ -224,11 +224,12 @@ impl<T> LivePairing<T> {
     }
 
     /// Frames sent whose result has not come back (nor a later frame's).
-    /// A held result counts for the newest frame it may belong to, so that
-    /// the window never waits on the anchor being found.
+    /// A held result counts for the oldest frame it may belong to: the
+    /// window frees a slot for it without waiting for the anchor, and never
+    /// more slots than the result really frees.
     pub fn in_flight(&self) -> u64 {
         let held = self.held.iter().filter_map(|(pts, _)| {
-            self.candidates.iter().flatten().filter_map(|anchor| self.frame_at(anchor.wrapping_add(*pts))).map(|f| f.index).max()
+            self.candidates.iter().flatten().filter_map(|anchor| self.frame_at(anchor.wrapping_add(*pts))).map(|f| f.index).min()
         });
         match held.chain(self.newest_paired).max() {
             Some(newest) => self.frames_sent.saturating_sub(newest + 1),
@@ -459,8 +460,8 @@ mod tests {
             // could be any of the frames sent: held.
             assert!(pairing.on_result(Some(0), 0).is_empty(), "lost {lost}");
             assert!(pairing.is_holding());
-            // Optimistic: the window does not wait on held results.
-            assert_eq!(pairing.in_flight(), (lost + 2).saturating_sub(ANCHOR_FRAMES) as u64);
+            // The held result frees the slot of the oldest frame it may be.
+            assert_eq!(pairing.in_flight(), lost as u64 + 1);
             // The next result tells the anchors apart.
             let pts = timestamps[lost + 1].wrapping_sub(timestamps[lost]);
             let paired = pairing.on_result(Some(pts), 1);
@@ -547,5 +548,21 @@ mod tests {
                 .collect();
             assert_eq!(delivered, expected, "lost {lost}");
         }
+    }
+
+    #[test]
+    fn a_result_never_makes_the_window_fuller() {
+        let now = Instant::now();
+        let timestamps = plan_timestamps(0, 12);
+        let mut pairing = LivePairing::new();
+        send_all(&mut pairing, &timestamps[..3], now);
+        assert!(pairing.on_result(Some(0), 0).is_empty(), "held");
+        assert_eq!(pairing.in_flight(), 2, "the held result frees one slot");
+        pairing.on_frame_sent(timestamps[3], None, now);
+        let before = pairing.in_flight();
+        let paired = pairing.on_result(Some(timestamps[1]), 1);
+        assert_eq!(paired.len(), 2);
+        assert!(pairing.in_flight() <= before, "{} > {before}", pairing.in_flight());
+        assert_eq!(pairing.in_flight(), 2);
     }
 }

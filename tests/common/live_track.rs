@@ -29,7 +29,6 @@
 //! waits for the client to close.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,8 +48,7 @@ use webrtc::peer_connection::Registry;
 
 use super::{
     DecodedFrame, Fault, JpegEncoder, OfferedCodec, RtpEncoder, Session, TrackCodec,
-    VIDEO_CLOCK_RATE, frame_messages, inverted_frame, send_all, send_processing_complete,
-    send_track_frame, summarize_frame, wait_drained,
+    VIDEO_CLOCK_RATE, deliver_result, inverted_frame, send_processing_complete, summarize_frame,
 };
 
 /// The client's track as the offer described it.
@@ -862,38 +860,7 @@ async fn process_live(session: Arc<Session>, queue: Arc<LiveQueue>) {
         let Some(control) = wait_for_control_channel(&session).await else {
             continue;
         };
-        let outputs = session.outputs.lock().unwrap().clone();
-        let (messages, sent) = frame_messages(&session, &outputs, frame_id, &frame);
-        if !send_all(&control, messages).await {
-            session.end();
-            return;
-        }
-        session.update(|report| {
-            report.results_sent += 1;
-            report.results.push(sent);
-        });
-        // After the JSON, as the server does (§10).
-        if let Some(track) = &session.track {
-            send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
-            tokio::time::sleep(session.config.track_frame_gap).await;
-        }
-        // The faults that end a session after N results, as in file mode.
-        let silent_after = session.config.find(|f| match f {
-            Fault::GoSilentAfterFrames(n) => Some(*n),
-            _ => None,
-        });
-        if silent_after.is_some_and(|n| frame_id >= n) {
-            wait_drained(&control).await;
-            session.silenced.store(true, Ordering::Relaxed);
-            return;
-        }
-        let dropped = session.config.find(|f| match f {
-            Fault::DropPeerAfterFrames(n) => Some(*n),
-            _ => None,
-        });
-        if dropped.is_some_and(|n| frame_id >= n) {
-            wait_drained(&control).await;
-            session.end();
+        if !deliver_result(&session, &control, frame_id, &mut frame, &mut encoder).await {
             return;
         }
     }

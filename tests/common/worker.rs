@@ -1474,38 +1474,7 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
         let Some(control) = session.control_channel() else {
             continue;
         };
-        let outputs = session.outputs.lock().unwrap().clone();
-        let (messages, sent) = frame_messages(&session, &outputs, frame_id, &frame);
-        if !send_all(&control, messages).await {
-            session.end();
-            return;
-        }
-        session.update(|report| {
-            report.results_sent += 1;
-            report.results.push(sent);
-        });
-        if let Some(track) = &session.track {
-            send_track_frame(&session, track, frame_id, &mut frame, &mut encoder).await;
-            tokio::time::sleep(session.config.track_frame_gap).await;
-        }
-        let silent_after = session.config.find(|f| match f {
-            Fault::GoSilentAfterFrames(n) => Some(*n),
-            _ => None,
-        });
-        if silent_after.is_some_and(|n| frame_id >= n) {
-            wait_drained(&control).await;
-            session.silenced.store(true, Ordering::Relaxed);
-            // Dead: no more frames, no close, nothing.
-            return;
-        }
-        let dropped = session.config.find(|f| match f {
-            Fault::DropPeerAfterFrames(n) => Some(*n),
-            _ => None,
-        });
-        if dropped.is_some_and(|n| frame_id >= n) {
-            // Delivered first, so the client deterministically holds N results.
-            wait_drained(&control).await;
-            session.end();
+        if !deliver_result(&session, &control, frame_id, &mut frame, &mut encoder).await {
             return;
         }
     }
@@ -1567,6 +1536,54 @@ async fn wait_for_ack_window(session: &Session, frame_id: u32) -> bool {
         result = acked.wait_for(allowed) => result.is_ok(),
         _ = session.until_ended() => false,
     }
+}
+
+/// Sends a processed frame's result, then its frame on the returned track,
+/// and applies the faults that end a session after N results (file and
+/// live mode alike). False: the session is over.
+async fn deliver_result(
+    session: &Arc<Session>,
+    control: &Arc<dyn DataChannel>,
+    frame_id: u32,
+    frame: &mut DecodedFrame,
+    encoder: &mut Option<RtpEncoder>,
+) -> bool {
+    let outputs = session.outputs.lock().unwrap().clone();
+    let (messages, sent) = frame_messages(session, &outputs, frame_id, frame);
+    if !send_all(control, messages).await {
+        session.end();
+        return false;
+    }
+    session.update(|report| {
+        report.results_sent += 1;
+        report.results.push(sent);
+    });
+    // After the JSON, as the server does (§6, §10).
+    if let Some(track) = &session.track {
+        send_track_frame(session, track, frame_id, frame, encoder).await;
+        tokio::time::sleep(session.config.track_frame_gap).await;
+    }
+    let silent_after = session.config.find(|f| match f {
+        Fault::GoSilentAfterFrames(n) => Some(*n),
+        _ => None,
+    });
+    if silent_after.is_some_and(|n| frame_id >= n) {
+        wait_drained(control).await;
+        session.silenced.store(true, Ordering::Relaxed);
+        // Dead: no more frames, no close, nothing.
+        return false;
+    }
+    let dropped = session.config.find(|f| match f {
+        Fault::DropPeerAfterFrames(n) => Some(*n),
+        _ => None,
+    });
+    if dropped.is_some_and(|n| frame_id >= n) {
+        // Delivered first, so the client deterministically holds N results.
+        wait_drained(control).await;
+        session.end();
+        return false;
+    }
+    true
 }
 
 async fn send_all(channel: &Arc<dyn DataChannel>, messages: Vec<BytesMut>) -> bool {
