@@ -23,6 +23,15 @@ pub fn progress_structure(stats: &SessionStats, percent: u64, elapsed: Duration,
         .build()
 }
 
+/// Posted once by roboflowuploadsink before its EOS: its final `stats`.
+pub const UPLOAD_SUMMARY_MESSAGE: &str = "roboflow-upload-summary";
+
+/// The `roboflow-upload-summary` message body: the sink's final stats.
+pub fn upload_summary_structure(mut stats: gst::Structure) -> gst::Structure {
+    stats.set_name(UPLOAD_SUMMARY_MESSAGE);
+    stats
+}
+
 /// The `roboflow-result-summary` message body: the source's final stats.
 pub fn summary_structure(mut stats: gst::Structure) -> gst::Structure {
     stats.set_name(SUMMARY_MESSAGE);

@@ -159,6 +159,9 @@ fn realtime_drops_before_encoding_and_counts_every_frame() {
     assert!(dropped > 0, "a 100 ms Workflow cannot take 30 fps: {stats}");
     assert_eq!(indices.len() as u64 + skipped + stat(&stats, "frames-in-flight"), sent, "{stats}");
     assert!(indices.windows(2).all(|w| w[0] < w[1]), "{indices:?}");
+    let summary = outcome.named("roboflow-upload-summary");
+    assert_eq!(summary.len(), 1, "one summary before EOS");
+    assert_eq!(stat(summary[0], "frames-dropped"), dropped, "the summary counts the drops");
     let report = only_session(&worker);
     assert_eq!(report.request["webrtc_realtime_processing"], true);
     assert_eq!(report.live_frames_processed as usize, outcome.named("roboflow-inference").len());

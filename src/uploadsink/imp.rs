@@ -765,6 +765,8 @@ impl UploadSink {
         };
         if first {
             gst::info!(CAT, imp = self, "the job is finished: posting EOS");
+            let summary = crate::bus::upload_summary_structure(self.stats());
+            let _ = self.obj().post_message(gst::message::Element::builder(summary).src(&*self.obj()).build());
             let _ = self.obj().post_message(gst::message::Eos::builder().src(&*self.obj()).seqnum(seqnum).build());
         }
     }
