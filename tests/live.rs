@@ -318,3 +318,14 @@ fn live_frames_come_back_through_roboflowresultsrc_with_their_source_pts() {
         assert_eq!(returned, expected, "{transport}: every frame back, with its source PTS");
     }
 }
+
+#[test]
+fn the_server_closing_mid_stream_is_one_error_naming_it() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default().with_fault(common::worker::Fault::DropPeerAfterFrames(10)));
+    let pipeline = launch(&format!("{} ! {}", raw_source(100_000, true), live_sink(&worker, "")));
+    let (errors, first_is_sink) = sink_errors(&pipeline, "sink");
+    assert!(first_is_sink, "the sink's ERROR comes first: {errors:?}");
+    assert_eq!(errors.len(), 1, "one ERROR: {errors:?}");
+    assert!(errors[0].contains("after 10 results"), "{errors:?}");
+}
