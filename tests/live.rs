@@ -329,3 +329,37 @@ fn the_server_closing_mid_stream_is_one_error_naming_it() {
     assert_eq!(errors.len(), 1, "one ERROR: {errors:?}");
     assert!(errors[0].contains("after 10 results"), "{errors:?}");
 }
+
+/// A sink that syncs shows the returned live video: roboflowresultsrc
+/// reports its latency, so frames whose result comes within it are on time.
+#[test]
+fn returned_live_frames_are_on_time_for_a_syncing_sink() {
+    init();
+    let rendered = |latency_ms: u32| -> (u64, u64) {
+        let worker = TestWorker::start(WorkerConfig { live_process_delay: Duration::from_millis(50), ..Default::default() });
+        let session = format!("on-time-{latency_ms}");
+        let pipeline = launch(&format!(
+            "{} ! {} session={session} stream-output=image realtime-processing=true \
+             roboflowresultsrc session={session} latency={latency_ms} ! videoconvert \
+             ! fakesink name=out sync=true qos=true max-lateness=20000000",
+            raw_source(90, true),
+            live_sink(&worker, "")
+        ));
+        let out = sink_of(&pipeline, "out");
+        let mut stats = None;
+        let outcome = run_with(&pipeline, LIMIT, |_, message| {
+            if let gst::MessageView::Eos(_) = message.view() {
+                stats = Some(out.property::<gst::Structure>("stats"));
+            }
+            false
+        });
+        assert!(outcome.eos, "{:?}", outcome.error);
+        let stats = stats.unwrap();
+        (stats.get::<u64>("rendered").unwrap(), stats.get::<u64>("dropped").unwrap())
+    };
+    let (on_time, late) = rendered(300);
+    assert!(on_time > 10, "{on_time} frames rendered");
+    assert_eq!(late, 0, "every frame within 300 ms is rendered");
+    let (_, late) = rendered(0);
+    assert!(late > 0, "with no latency reported, frames 50 ms behind are late");
+}

@@ -120,7 +120,14 @@ pub struct Params {
     pub session: Option<String>,
     pub attach_timeout: Duration,
     pub max_queued_frames: u32,
+    /// Reported as this live source's latency.
+    pub latency: Duration,
 }
+
+/// The latency roboflowresultsrc reports by default: the time a live frame
+/// takes to the server, through a Workflow of classical blocks and back
+/// (tens of ms on a local server), with room to spare.
+pub const DEFAULT_LATENCY_MS: u32 = 300;
 
 impl Default for Params {
     fn default() -> Self {
@@ -128,6 +135,7 @@ impl Default for Params {
             session: None,
             attach_timeout: Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS.into()),
             max_queued_frames: DEFAULT_MAX_QUEUED_FRAMES,
+            latency: Duration::from_millis(DEFAULT_LATENCY_MS.into()),
         }
     }
 }
@@ -255,6 +263,17 @@ impl BaseSrcImpl for FrameSrc {
 
     fn is_seekable(&self) -> bool {
         false
+    }
+
+    fn query(&self, query: &mut gst::QueryRef) -> bool {
+        if let gst::QueryViewMut::Latency(latency) = query.view_mut() {
+            // A frame leaves as late as its result: a sink that syncs renders
+            // each frame this long after its source PTS (live video).
+            let min = self.params.lock().unwrap().latency;
+            latency.set(true, gst::ClockTime::from_nseconds(min.as_nanos() as u64), gst::ClockTime::NONE);
+            return true;
+        }
+        BaseSrcImplExt::parent_query(self, query)
     }
 
 }

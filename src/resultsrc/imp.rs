@@ -94,6 +94,12 @@ impl ObjectImpl for ResultSrc {
                     .default_value(DEFAULT_MAX_QUEUED_FRAMES)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("latency")
+                    .nick("Latency")
+                    .blurb("Milliseconds reported as this live source's latency: with live video, a sink that syncs renders each returned frame this long after its source PTS (frames whose result takes longer come late)")
+                    .default_value(framesrc::DEFAULT_LATENCY_MS)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
                     .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops")
@@ -115,6 +121,7 @@ impl ObjectImpl for ResultSrc {
                 params.max_queued_frames = value.get().expect("type checked upstream");
                 self.queue.set_property("max-size-buffers", params.max_queued_frames);
             }
+            "latency" => params.latency = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into()),
             name => unreachable!("unknown property {name}"),
         }
     }
@@ -125,6 +132,7 @@ impl ObjectImpl for ResultSrc {
             "session" => params.session.to_value(),
             "connect-timeout" => (params.attach_timeout.as_millis() as u32).to_value(),
             "max-queued-frames" => params.max_queued_frames.to_value(),
+            "latency" => (params.latency.as_millis() as u32).to_value(),
             "stats" => self.stats().to_value(),
             name => unreachable!("unknown property {name}"),
         }
