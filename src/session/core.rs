@@ -542,7 +542,13 @@ impl SessionCore {
         })?;
         if result.processing_complete {
             if self.frames_received == 0 {
-                return Err(SessionError::NothingDecoded { reason: result.termination_reason });
+                return Err(match &self.live {
+                    Some(live) => SessionError::NothingProcessed {
+                        sent: live.pairing.frames_sent(),
+                        reason: result.termination_reason,
+                    },
+                    None => SessionError::NothingDecoded { reason: result.termination_reason },
+                });
             }
             self.state = State::Complete;
             self.keepalive.stop();
@@ -1052,5 +1058,16 @@ mod tests {
         assert_eq!(core.stats().frames_dropped, 1, "a drop while connecting counts");
         let out = core.handle(Input::FrameSent { rtp_timestamp: 1, pts_ns: None, arrived: now }, now);
         assert!(matches!(&out[..], [Output::Failed(SessionError::UploadMismatch(text))] if text.contains("live frame")), "{out:?}");
+    }
+
+    #[test]
+    fn a_live_session_that_processed_nothing_says_so() {
+        let now = Instant::now();
+        let mut core = live_core(now);
+        core.handle(Input::FrameSent { rtp_timestamp: 1, pts_ns: None, arrived: now }, now);
+        core.handle(Input::TrackEnded, now);
+        let out = core.handle(Input::ControlMessage(&result_message(1, &complete_json(), false)), now);
+        assert_eq!(out, [Output::Failed(SessionError::NothingProcessed { sent: 1, reason: None })]);
+        assert!(SessionError::NothingProcessed { sent: 1, reason: None }.to_string().contains("none of the 1 frames of the live video"));
     }
 }

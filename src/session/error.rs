@@ -100,6 +100,13 @@ pub enum SessionError {
     )]
     NothingDecoded { reason: Option<String> },
 
+    #[error(
+        "the server processed none of the {sent} frames of the live video (processing_complete after 0 results{}); \
+         its decoder may not have received a keyframe, or realtime processing dropped them all",
+        reason.as_deref().map(|reason| format!(", termination_reason {reason}")).unwrap_or_default()
+    )]
+    NothingProcessed { sent: u64, reason: Option<String> },
+
     /// The result consumer (the sink, or its roboflowresultsrc) let go before
     /// processing_complete: nobody reads the results any more.
     #[error("the results of session '{session}' are no longer read: {reader} stopped before processing_complete")]
