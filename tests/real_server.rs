@@ -541,3 +541,31 @@ fn live_video_comes_back(transport: &str) {
         assert_eq!(nearest, index, "returned frame at {pts} (frame {index}) has colour {rgb:?}, nearer frame {nearest}'s");
     }
 }
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_null_mid_stream_returns_within_a_second() {
+    init();
+    let pipeline = launch(&format!(
+        "videotestsrc is-live=true num-buffers=100000 ! video/x-raw,width=640,height=480,framerate=30/1 \
+         ! {} name=sink workflow-spec-file={} data-output=rgb_color",
+        sink(""),
+        workflow("dominant-color.json").display()
+    ));
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let deadline = std::time::Instant::now() + JOB_LIMIT;
+    let mut results = 0;
+    while results < 30 && std::time::Instant::now() < deadline {
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        match message.view() {
+            gst::MessageView::Error(err) => panic!("{}", err.error()),
+            gst::MessageView::Element(m) if m.structure().is_some_and(|s| s.name() == "roboflow-inference") => results += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(results, 30, "results while frames flow");
+    let started = std::time::Instant::now();
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "NULL took {:?}", started.elapsed());
+}
