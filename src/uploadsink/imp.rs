@@ -570,7 +570,8 @@ impl UploadSink {
             // video it may send is told what the server takes.
             let result = match caps.filter_owned() {
                 Some(filter) if !filter.is_any() && filter.iter().all(|s| s.name().starts_with("video/x-")) => {
-                    let live = filter.intersect_with_mode(&preferred_live_caps(), gst::CapsIntersectMode::First);
+                    // In the sink's order of preference (I420 first).
+                    let live = preferred_live_caps().intersect_with_mode(&filter, gst::CapsIntersectMode::First);
                     if live.is_empty() { filter } else { live }
                 }
                 Some(filter) => filter,

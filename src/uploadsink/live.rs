@@ -89,6 +89,8 @@ pub fn caps_mode(caps: &gst::CapsRef) -> Result<CapsMode, String> {
 /// picks what the server takes (x264enc then chooses constrained baseline).
 pub fn preferred_live_caps() -> gst::Caps {
     gst::Caps::builder_full()
+        // What the encoder takes: no conversion when upstream can give it.
+        .structure(gst::Structure::builder("video/x-raw").field("format", "I420").build())
         .structure(gst::Structure::new_empty("video/x-raw"))
         .structure(gst::Structure::new_empty("video/x-vp8"))
         .structure(
@@ -147,7 +149,10 @@ impl LiveEncoder {
         let sink = gst_app::AppSink::builder().sync(false).build();
         let mut chain: Vec<gst::Element> = vec![src.clone().upcast()];
         if mode == CapsMode::Raw {
-            chain.push(make("videoconvert", "gstreamer1.0-plugins-base")?);
+            let convert = make("videoconvert", "gstreamer1.0-plugins-base")?;
+            // 8-bit to 8-bit: dithering costs time and changes nothing.
+            convert.set_property_from_str("dither", "none");
+            chain.push(convert);
             chain.extend(Self::encoder(codec, caps)?);
         }
         chain.push(match codec {
