@@ -363,3 +363,24 @@ fn returned_live_frames_are_on_time_for_a_syncing_sink() {
     let (_, late) = rendered(0);
     assert!(late > 0, "with no latency reported, frames 50 ms behind are late");
 }
+
+/// Pre-encoded VP8 whose keyframe went by while the session connected
+/// (realtime drops): the sink drops delta frames and asks upstream for a
+/// keyframe instead of sending what the server cannot decode.
+#[test]
+fn pre_encoded_video_starts_on_a_keyframe_after_realtime_drops() {
+    init();
+    let worker = TestWorker::start(WorkerConfig::default().with_fault(common::worker::Fault::DelayAnswer(Duration::from_secs(1))));
+    let frames = 90;
+    let pipeline = launch(&format!(
+        "{} ! videoconvert ! vp8enc deadline=1 lag-in-frames=0 keyframe-max-dist=1000 ! {}",
+        raw_source(frames, true),
+        live_sink(&worker, "realtime-processing=true")
+    ));
+    let (_, stats, indices) = run_live(&pipeline);
+    assert!(indices.len() > 10, "{} results: {stats}", indices.len());
+    assert_eq!(stat(&stats, "frames-skipped"), 0, "nothing sent that the server could not decode: {stats}");
+    let report = only_session(&worker);
+    assert!(report.live_decode_errors.is_empty(), "{:?}", report.live_decode_errors);
+    assert_eq!(report.live_plis_sent, 0, "the first frame sent was a keyframe");
+}

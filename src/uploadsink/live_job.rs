@@ -42,6 +42,11 @@ pub(super) struct LiveJob {
     ended: bool,
     /// Buffers received, sent or not.
     buffers: u64,
+    /// Encoded input: no keyframe went since the start or since the server
+    /// asked for one.
+    need_keyframe: bool,
+    /// Upstream was asked for that keyframe.
+    keyframe_asked: bool,
     /// Posts the results when no roboflowresultsrc reads them.
     results: Option<ResultsReader>,
 }
@@ -84,6 +89,8 @@ impl LiveJob {
             begun: false,
             ended: false,
             buffers: 0,
+            need_keyframe: true,
+            keyframe_asked: false,
             results,
         })
     }
@@ -124,23 +131,39 @@ impl LiveJob {
         let stall = self.config.stall_timeout;
         let probe = self.writer.probe();
         let stalled = || SessionError::ResultsStalled { timeout: stall, results: probe.stats().frames_received };
-        if realtime {
-            if self.writer.frames_in_flight() >= max {
-                self.writer.frame_dropped()?;
-                return Ok(());
-            }
-        } else {
-            sink.wait(Some(stall), stalled, self.writer.wait_in_flight_below(max))?;
+        let encoded = self.mode != CapsMode::Raw;
+        if encoded && self.writer.take_keyframe_request() {
+            self.need_keyframe = true;
+            self.keyframe_asked = false;
         }
-        if self.writer.take_keyframe_request() {
-            // The server cannot decode: a keyframe now, from the encoder
-            // here or the one upstream.
-            if self.mode == CapsMode::Raw {
-                self.encoder.force_keyframe();
-            } else {
+        // Encoded input: until a keyframe has gone (at the start, and after
+        // the server asked for one), a frame that depends on others cannot
+        // be decoded: it is dropped, and upstream is asked for a keyframe,
+        // which then goes whatever the window.
+        let keyframe_wanted = encoded && self.need_keyframe;
+        if keyframe_wanted && buffer.flags().contains(gst::BufferFlags::DELTA_UNIT) {
+            if !self.keyframe_asked {
+                self.keyframe_asked = true;
                 let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
                 sink.request_upstream_keyframe(event);
             }
+            self.writer.frame_dropped()?;
+            return Ok(());
+        }
+        if !keyframe_wanted {
+            if realtime {
+                if self.writer.frames_in_flight() >= max {
+                    self.writer.frame_dropped()?;
+                    return Ok(());
+                }
+            } else {
+                sink.wait(Some(stall), stalled, self.writer.wait_in_flight_below(max))?;
+            }
+        }
+        if !encoded && self.writer.take_keyframe_request() {
+            // The server cannot decode: this frame goes as a keyframe (the
+            // session let it past a full window).
+            self.encoder.force_keyframe();
         }
         let pts = buffer.pts().map(gst::ClockTime::nseconds);
         let duration = buffer.duration().and_then(|d| u32::try_from(d.nseconds() * 9 / 100_000).ok()).filter(|t| *t > 0);
@@ -148,10 +171,11 @@ impl LiveJob {
         let before = self.plan.clone();
         let timestamp = self.plan.stamp_frame(&mut packets, duration.or(self.frame_ticks)).map_err(Stop::failed)?;
         let sent = sink.wait(Some(stall), stalled, self.writer.send_frame(packets, timestamp, pts, arrived));
-        if sent.is_err() {
+        match sent {
+            Ok(()) => self.need_keyframe = false,
             // Not sent: the next frame takes this one's timestamp, the one
             // the last boundary packet announced.
-            self.plan = before;
+            Err(_) => self.plan = before,
         }
         sent
     }
