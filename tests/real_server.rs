@@ -436,13 +436,25 @@ fn live_video_lossless_pairs_every_frame_with_its_own_result() {
 #[test]
 #[ignore = "needs the real server: scripts/test.sh"]
 fn live_h264_realtime_drops_are_counted_and_results_stay_paired() {
+    live_realtime("", "video-codec=h264");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_pre_encoded_vp8_realtime_starts_on_a_keyframe_and_stays_paired() {
+    // The encoder's first keyframe goes by while the session connects.
+    live_realtime("! videoconvert ! vp8enc deadline=1 lag-in-frames=0 keyframe-max-dist=600 threads=1", "");
+}
+
+/// Realtime live video until 60 results came (the server's worker takes its
+/// time to start, and drops while busy), then the end of the stream: every
+/// frame sent or counted as dropped, every result paired with its frame.
+fn live_realtime(encode: &str, extra: &str) {
     init();
-    // Runs until 60 results came (the server's worker takes its time to
-    // start, and drops while busy), then ends the stream.
     let wanted = 60;
     let pipeline = launch(&format!(
-        "videotestsrc name=src is-live=true num-buffers=5400 ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
-         ! {} name=sink video-codec=h264 realtime-processing=true workflow-spec-file={} data-output=rgb_color",
+        "videotestsrc name=src is-live=true num-buffers=5400 ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 {encode} \
+         ! {} name=sink realtime-processing=true {extra} workflow-spec-file={} data-output=rgb_color",
         sink(""),
         workflow("blur-dominant-color.json").display()
     ));
@@ -475,6 +487,7 @@ fn live_h264_realtime_drops_are_counted_and_results_stay_paired() {
     assert!(dropped > 0, "frames come faster than a realtime window of 2 takes them: {stats}");
     assert_eq!(sent + dropped, frames, "every frame sent or counted as dropped: {stats}");
     assert_eq!(indices.len() as u64 + skipped + stats.get::<u64>("frames-in-flight").unwrap(), sent, "{stats}");
+    assert_eq!(skipped, 0, "nothing sent that the server could not process: {stats}");
 }
 
 #[test]
