@@ -1,0 +1,644 @@
+//! One live-video job: pushes a synthetic camera stream through
+//! `appsrc ! roboflowuploadsink` in live mode and prints one JSON line of
+//! figures, the client side of `scripts/bench_live.sh` (which runs
+//! `scripts/bench_live_sdk.py` the same way for the Python SDK's
+//! ManualSource).
+//!
+//! ```sh
+//! cargo build --release --lib --example bench_live
+//! target/release/examples/bench_live --realtime 1 \
+//!     --workflow-spec-file examples/workflows/blur-dominant-color.json \
+//!     --data-output rgb_color [--frames 300] [--format RGB|I420] \
+//!     [--max-frames-in-flight N] [--set name=value]... [--api-url URL]
+//! ```
+//!
+//! The stream: `--frames` frames of 640x480 (`--width`, `--height`) at 30
+//! fps (`--fps`), each one solid colour that encodes its index: 3 channels
+//! x 7 levels (8, 48, ..., 248), base 7 (r = i / 49, g = i / 7 % 7,
+//! b = i % 7), so consecutive frames differ by 40 in blue. Decoding takes
+//! the nearest level per channel.
+//!
+//! The pipeline: `appsrc is-live=true format=time do-timestamp=false
+//! caps=video/x-raw,format=RGB|I420,... ! roboflowuploadsink` with
+//! `api-url`, `workflow-spec-file`, `data-output`, `realtime-processing`
+//! and, when given, `max-frames-in-flight` and any `--set` properties.
+//! Frame i gets PTS = i x (1 s / fps), duration 1 s / fps, and is pushed at
+//! t0 + i / fps (a camera's pace); the instant is taken just before
+//! `push_buffer`. After the last frame: `end_of_stream()` on the appsrc.
+//!
+//! When pushing starts (`--start-after`):
+//! - `connected` (default): after PLAYING, poll the sink's `stats` property
+//!   until its `phase` has left "stopped"/"connecting" (the session is up),
+//!   as the SDK side starts once its session is connected. If the phase
+//!   stays "stopped" for 2 s (the sink connects only on its first buffer),
+//!   or after 90 s, pushing starts anyway (`start` in the JSON says which).
+//! - `playing`: right after `set_state(Playing)`.
+//!
+//! Results: every `roboflow-inference` element message, stamped in a bus
+//! sync handler (the posting thread) with `Instant::now()`. Fields read:
+//! `frame-id`, `pts` (frame index = round(pts x fps)), `latency` (the
+//! plugin's own: buffer at the sink -> result), `json` (the dominant colour
+//! is `serialized_output_data.<colour-output>`, else found anywhere by that
+//! key), `errors`. A pairing error is a result whose colour decodes to an
+//! index other than its pts's. Latency (ours) = arrival - push instant of
+//! the frame the colour names; `latency_by_pts` uses the pts's frame.
+//!
+//! The job ends at EOS, an error, or `--idle-timeout` seconds (5) after the
+//! last push with no new result (then `ended` is "timeout"). The sink's
+//! `stats` structure is read right after that, before NULL. CPU =
+//! getrusage(RUSAGE_SELF) user+sys at the very end; peak RSS = VmHWM.
+//! Exit status 1 when the job ended with an error or a timeout.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+const LEVELS: [u8; 7] = [8, 48, 88, 128, 168, 208, 248];
+
+fn colour_of(index: usize) -> [u8; 3] {
+    [LEVELS[(index / 49) % 7], LEVELS[(index / 7) % 7], LEVELS[index % 7]]
+}
+
+/// (index, distance): the nearest code point to an (r, g, b) colour.
+fn index_of(rgb: [f64; 3]) -> (usize, f64) {
+    let mut index = 0;
+    let mut distance: f64 = 0.0;
+    for c in rgb {
+        let k = ((c - LEVELS[0] as f64) / 40.0).round().clamp(0.0, 6.0) as usize;
+        index = index * 7 + k;
+        distance = distance.max((c - LEVELS[k] as f64).abs());
+    }
+    (index, distance)
+}
+
+/// BT.601 limited range, as videoconvert does for RGB -> I420.
+fn yuv_of([r, g, b]: [u8; 3]) -> [u8; 3] {
+    let (r, g, b) = (r as f64, g as f64, b as f64);
+    let y = 16.0 + 0.257 * r + 0.504 * g + 0.098 * b;
+    let u = 128.0 - 0.148 * r - 0.291 * g + 0.439 * b;
+    let v = 128.0 + 0.439 * r - 0.368 * g - 0.071 * b;
+    [y.round().clamp(0.0, 255.0) as u8, u.round().clamp(0.0, 255.0) as u8, v.round().clamp(0.0, 255.0) as u8]
+}
+
+struct Options {
+    api_url: Option<String>,
+    workflow_spec_file: String,
+    data_output: String,
+    colour_output: String,
+    realtime: bool,
+    frames: usize,
+    fps: u32,
+    width: usize,
+    height: usize,
+    format: String,
+    max_frames_in_flight: Option<u32>,
+    sets: Vec<(String, String)>,
+    idle_timeout: f64,
+    start_after: String,
+    results_file: Option<String>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_live --workflow-spec-file FILE [--realtime 0|1] [--data-output LIST] \
+         [--colour-output NAME] [--frames N] [--fps N] [--width N] [--height N] [--format RGB|I420] \
+         [--max-frames-in-flight N] [--set name=value]... [--idle-timeout S] \
+         [--start-after connected|playing] [--results-file PATH] [--api-url URL]"
+    );
+    std::process::exit(2);
+}
+
+fn parse_options() -> Options {
+    let mut o = Options {
+        api_url: None,
+        workflow_spec_file: String::new(),
+        data_output: "rgb_color".into(),
+        colour_output: "rgb_color".into(),
+        realtime: true,
+        frames: 300,
+        fps: 30,
+        width: 640,
+        height: 480,
+        format: "RGB".into(),
+        max_frames_in_flight: None,
+        sets: Vec::new(),
+        idle_timeout: 5.0,
+        start_after: "connected".into(),
+        results_file: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
+        let number = |s: String| s.parse::<f64>().unwrap_or_else(|_| usage());
+        match flag.as_str() {
+            "--api-url" => o.api_url = Some(value()),
+            "--workflow-spec-file" => o.workflow_spec_file = value(),
+            "--data-output" => o.data_output = value(),
+            "--colour-output" => o.colour_output = value(),
+            "--realtime" => o.realtime = number(value()) != 0.0,
+            "--frames" => o.frames = number(value()) as usize,
+            "--fps" => o.fps = number(value()) as u32,
+            "--width" => o.width = number(value()) as usize,
+            "--height" => o.height = number(value()) as usize,
+            "--format" => o.format = value(),
+            "--max-frames-in-flight" => o.max_frames_in_flight = Some(number(value()) as u32),
+            "--idle-timeout" => o.idle_timeout = number(value()),
+            "--start-after" => o.start_after = value(),
+            "--results-file" => o.results_file = Some(value()),
+            "--set" => {
+                let pair = value();
+                let (name, value) = pair.split_once('=').unwrap_or_else(|| usage());
+                o.sets.push((name.to_owned(), value.to_owned()));
+            }
+            _ => usage(),
+        }
+    }
+    let known_format = o.format == "RGB" || o.format == "I420";
+    let known_start = o.start_after == "connected" || o.start_after == "playing";
+    if o.workflow_spec_file.is_empty() || !known_format || !known_start || o.fps == 0 {
+        usage();
+    }
+    if o.frames == 0 || o.frames > 343 {
+        eprintln!("bench_live: --frames must be 1..=343 (the colour code)");
+        std::process::exit(2);
+    }
+    if o.format == "I420" && (o.width % 2 != 0 || o.height % 2 != 0) {
+        usage();
+    }
+    o
+}
+
+/// One `roboflow-inference` message as received.
+struct Received {
+    arrival: Instant,
+    frame_id: Option<u64>,
+    pts: Option<gst::ClockTime>,
+    latency: Option<gst::ClockTime>,
+    rgb: Option<[f64; 3]>,
+    errors: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    received: Vec<Received>,
+    other_messages: BTreeMap<String, u64>,
+    warnings: Vec<String>,
+    last_result: Option<Instant>,
+}
+
+fn find_colour(json: &serde_json::Value, key: &str) -> Option<[f64; 3]> {
+    fn as_rgb(v: &serde_json::Value) -> Option<[f64; 3]> {
+        if let Some(a) = v.as_array()
+            && a.len() == 3
+        {
+            return Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?]);
+        }
+        if let Some(o) = v.as_object() {
+            return Some([o.get("r")?.as_f64()?, o.get("g")?.as_f64()?, o.get("b")?.as_f64()?]);
+        }
+        None
+    }
+    fn anywhere<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+        match v {
+            serde_json::Value::Object(map) => map
+                .get(key)
+                .or_else(|| map.values().find_map(|child| anywhere(child, key))),
+            serde_json::Value::Array(items) => items.iter().find_map(|child| anywhere(child, key)),
+            _ => None,
+        }
+    }
+    json.get("serialized_output_data")
+        .and_then(|o| o.get(key))
+        .or_else(|| anywhere(json, key))
+        .and_then(as_rgb)
+}
+
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let k = (v.len() - 1) as f64 * p / 100.0;
+    let lo = k.floor() as usize;
+    let hi = (lo + 1).min(v.len() - 1);
+    Some(v[lo] + (v[hi] - v[lo]) * (k - lo as f64))
+}
+
+/// A GstStructure's fields as JSON (numbers, booleans, strings; the rest
+/// as GStreamer's own serialisation).
+fn structure_json(s: &gst::StructureRef) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    map.insert("name".into(), s.name().as_str().into());
+    for (field, value) in s.iter() {
+        let v: serde_json::Value = if let Ok(x) = value.get::<u64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<i64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<u32>() {
+            x.into()
+        } else if let Ok(x) = value.get::<i32>() {
+            x.into()
+        } else if let Ok(x) = value.get::<f64>() {
+            x.into()
+        } else if let Ok(x) = value.get::<bool>() {
+            x.into()
+        } else if let Ok(x) = value.get::<Option<String>>() {
+            x.into()
+        } else {
+            value.serialize().map(|s| s.to_string()).unwrap_or_default().into()
+        };
+        map.insert(field.to_string(), v);
+    }
+    map.into()
+}
+
+#[repr(C)]
+struct Rusage {
+    utime: [i64; 2],
+    stime: [i64; 2],
+    rest: [i64; 14],
+}
+
+unsafe extern "C" {
+    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+}
+
+/// user + sys CPU seconds of this process (all threads).
+fn cpu_seconds() -> Option<f64> {
+    let mut usage = Rusage { utime: [0; 2], stime: [0; 2], rest: [0; 14] };
+    // SAFETY: RUSAGE_SELF (0) and a struct rusage-sized, writable buffer
+    // (x86_64/aarch64 Linux: two timevals then 14 longs).
+    let rc = unsafe { getrusage(0, &mut usage) };
+    (rc == 0).then(|| {
+        usage.utime[0] as f64 + usage.utime[1] as f64 / 1e6 + usage.stime[0] as f64 + usage.stime[1] as f64 / 1e6
+    })
+}
+
+fn vm_hwm_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn make_frame(o: &Options, index: usize) -> Vec<u8> {
+    let rgb = colour_of(index);
+    if o.format == "RGB" {
+        let mut data = Vec::with_capacity(o.width * o.height * 3);
+        for _ in 0..o.width * o.height {
+            data.extend_from_slice(&rgb);
+        }
+        data
+    } else {
+        let [y, u, v] = yuv_of(rgb);
+        let luma = o.width * o.height;
+        let chroma = (o.width / 2) * (o.height / 2);
+        let mut data = vec![y; luma + 2 * chroma];
+        data[luma..luma + chroma].fill(u);
+        data[luma + chroma..].fill(v);
+        data
+    }
+}
+
+fn main() {
+    let options = parse_options();
+    let report = match run(&options) {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("bench_live: {message}");
+            std::process::exit(2);
+        }
+    };
+    println!("{report}");
+    if !report["error"].is_null() || report["ended"] != "eos" {
+        std::process::exit(1);
+    }
+}
+
+fn run(o: &Options) -> Result<serde_json::Value, String> {
+    let started = Instant::now();
+    gst::init().map_err(|e| e.to_string())?;
+    gstroboflow::plugin_register_static().map_err(|e| e.to_string())?;
+
+    let caps = gst::Caps::builder("video/x-raw")
+        .field("format", o.format.as_str())
+        .field("width", o.width as i32)
+        .field("height", o.height as i32)
+        .field("framerate", gst::Fraction::new(o.fps as i32, 1))
+        .build();
+    let appsrc = gst_app::AppSrc::builder()
+        .is_live(true)
+        .format(gst::Format::Time)
+        .do_timestamp(false)
+        .caps(&caps)
+        .build();
+    let sink = gst::ElementFactory::make("roboflowuploadsink")
+        .build()
+        .map_err(|_| "the element 'roboflowuploadsink' is missing".to_owned())?;
+    sink.set_property("workflow-spec-file", &o.workflow_spec_file);
+    if let Some(url) = &o.api_url {
+        sink.set_property("api-url", url);
+    }
+    sink.set_property("data-output", &o.data_output);
+    sink.set_property("realtime-processing", o.realtime);
+    let set_checked = |name: &str, value: &str| -> Result<(), String> {
+        if sink.find_property(name).is_none() {
+            let names: Vec<_> = sink.list_properties().iter().map(|p| p.name().to_owned()).collect();
+            return Err(format!("roboflowuploadsink has no property '{name}' (it has: {})", names.join(", ")));
+        }
+        sink.set_property_from_str(name, value);
+        Ok(())
+    };
+    if let Some(n) = o.max_frames_in_flight {
+        set_checked("max-frames-in-flight", &n.to_string())?;
+    }
+    for (name, value) in &o.sets {
+        set_checked(name, value)?;
+    }
+
+    let pipeline = gst::Pipeline::new();
+    pipeline
+        .add_many([appsrc.upcast_ref::<gst::Element>(), &sink])
+        .map_err(|e| e.to_string())?;
+    appsrc.link(&sink).map_err(|e| format!("appsrc ({caps}) does not link to roboflowuploadsink: {e}"))?;
+
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let colour_key = o.colour_output.clone();
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    {
+        let shared = shared.clone();
+        bus.set_sync_handler(move |_bus, message| {
+            let arrival = Instant::now();
+            match message.view() {
+                gst::MessageView::Element(element) => {
+                    if let Some(s) = element.structure() {
+                        let mut shared = shared.lock().unwrap();
+                        if s.name() == "roboflow-inference" {
+                            let rgb = s
+                                .get::<&str>("json")
+                                .ok()
+                                .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+                                .and_then(|json| find_colour(&json, &colour_key));
+                            shared.received.push(Received {
+                                arrival,
+                                frame_id: s.get::<u64>("frame-id").ok(),
+                                pts: s.get::<Option<gst::ClockTime>>("pts").ok().flatten(),
+                                latency: s.get::<Option<gst::ClockTime>>("latency").ok().flatten(),
+                                rgb,
+                                errors: s.get::<&str>("errors").ok().map(str::to_owned),
+                            });
+                            shared.last_result = Some(arrival);
+                        } else {
+                            *shared.other_messages.entry(s.name().to_string()).or_default() += 1;
+                        }
+                    }
+                }
+                gst::MessageView::Warning(w) => {
+                    let text = format!("{} ({})", w.error(), w.debug().unwrap_or_default());
+                    shared.lock().unwrap().warnings.push(text);
+                }
+                _ => {}
+            }
+            gst::BusSyncReply::Pass
+        });
+    }
+
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|_| "the pipeline does not start (set_state(Playing) failed)".to_owned())?;
+    let playing_time = started.elapsed().as_secs_f64();
+
+    // When to start pushing: see the module doc.
+    let phase = || -> String {
+        sink.property::<Option<gst::Structure>>("stats")
+            .and_then(|s| s.get::<String>("phase").ok())
+            .unwrap_or_else(|| "?".into())
+    };
+    let mut start = "playing".to_owned();
+    let mut phases_seen: Vec<String> = Vec::new();
+    let mut early_error = None;
+    if o.start_after == "connected" {
+        let wait_started = Instant::now();
+        start = loop {
+            let p = phase();
+            if phases_seen.last() != Some(&p) {
+                phases_seen.push(p.clone());
+            }
+            if p != "stopped" && p != "connecting" && p != "?" {
+                break format!("phase {p}");
+            }
+            if p == "stopped" && wait_started.elapsed() > Duration::from_secs(2) {
+                break "phase stayed 'stopped' for 2 s: pushing (the sink connects on its first buffer?)".to_owned();
+            }
+            if wait_started.elapsed() > Duration::from_secs(90) {
+                break format!("phase still '{p}' after 90 s: pushing anyway");
+            }
+            if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+                if let gst::MessageView::Error(err) = msg.view() {
+                    early_error = Some(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
+                }
+                break "error before pushing".to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+    }
+    let push_start_time = started.elapsed().as_secs_f64();
+
+    // The camera: one frame every 1/fps, on its own thread.
+    let frame_ns = 1_000_000_000u64 / o.fps as u64;
+    let pushed_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; o.frames]));
+    let push_done = Arc::new(AtomicBool::new(false));
+    let push_errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let pusher = if early_error.is_none() {
+        let (appsrc, pushed_at, push_done, push_errors) =
+            (appsrc.clone(), pushed_at.clone(), push_done.clone(), push_errors.clone());
+        let frames: Vec<Vec<u8>> = (0..o.frames).map(|i| make_frame(o, i)).collect();
+        Some(std::thread::spawn(move || {
+            let t0 = Instant::now();
+            for (i, data) in frames.into_iter().enumerate() {
+                let target = t0 + Duration::from_nanos(i as u64 * frame_ns);
+                let now = Instant::now();
+                if target > now {
+                    std::thread::sleep(target - now);
+                }
+                let mut buffer = gst::Buffer::from_mut_slice(data);
+                {
+                    let b = buffer.get_mut().unwrap();
+                    b.set_pts(gst::ClockTime::from_nseconds(i as u64 * frame_ns));
+                    b.set_duration(gst::ClockTime::from_nseconds(frame_ns));
+                }
+                pushed_at.lock().unwrap()[i] = Some(Instant::now());
+                if let Err(flow) = appsrc.push_buffer(buffer) {
+                    push_errors.lock().unwrap().push(format!("frame {i}: {flow:?}"));
+                    break;
+                }
+            }
+            let _ = appsrc.end_of_stream();
+            push_done.store(true, Ordering::SeqCst);
+        }))
+    } else {
+        push_done.store(true, Ordering::SeqCst);
+        None
+    };
+
+    let mut error = early_error;
+    let mut ended = if error.is_some() { "error".to_owned() } else { String::new() };
+    let mut last_push: Option<Instant> = None;
+    while error.is_none() {
+        if let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) {
+            match message.view() {
+                gst::MessageView::Eos(_) => {
+                    ended = "eos".into();
+                    break;
+                }
+                gst::MessageView::Error(err) => {
+                    error = Some(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
+                    ended = "error".into();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if push_done.load(Ordering::SeqCst) {
+            let done_at = *last_push.get_or_insert_with(Instant::now);
+            let last_result = shared.lock().unwrap().last_result;
+            let quiet_since = last_result.map_or(done_at, |r| r.max(done_at));
+            if quiet_since.elapsed().as_secs_f64() > o.idle_timeout {
+                ended = "timeout".into();
+                break;
+            }
+        }
+    }
+    let end_time = started.elapsed().as_secs_f64();
+    let stats = sink
+        .property::<Option<gst::Structure>>("stats")
+        .map(|s| structure_json(&s))
+        .unwrap_or(serde_json::Value::Null);
+    let _ = pipeline.set_state(gst::State::Null);
+    if let Some(pusher) = pusher {
+        let _ = pusher.join();
+    }
+    let total_time = started.elapsed().as_secs_f64();
+    bus.unset_sync_handler();
+    // Whatever was still queued on the bus (posted before NULL).
+    let mut late_errors = Vec::new();
+    while let Some(message) = bus.pop() {
+        if let gst::MessageView::Error(err) = message.view() {
+            late_errors.push(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
+        }
+    }
+
+    let cpu = cpu_seconds();
+    let hwm = vm_hwm_kib();
+
+    let shared = shared.lock().unwrap();
+    let pushed_at = pushed_at.lock().unwrap();
+    let sent = pushed_at.iter().filter(|t| t.is_some()).count();
+    let ms = |a: Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1000.0
+        - b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+    let mut latencies = Vec::new();
+    let mut latencies_by_pts = Vec::new();
+    let mut plugin_latencies = Vec::new();
+    let (mut pairing_errors, mut no_pts, mut undecodable, mut with_errors) = (0, 0, 0, 0);
+    let mut max_distance: f64 = 0.0;
+    let mut indexes = std::collections::BTreeSet::new();
+    let mut rows = Vec::new();
+    for r in &shared.received {
+        let by_pts = r
+            .pts
+            .map(|pts| (pts.nseconds() as f64 / frame_ns as f64).round() as usize);
+        let decoded = r.rgb.map(index_of);
+        let true_index = decoded.and_then(|(i, d)| {
+            max_distance = max_distance.max(d);
+            (i < sent).then_some(i)
+        });
+        if let Some(l) = r.latency {
+            plugin_latencies.push(l.nseconds() as f64 / 1e6);
+        }
+        if r.errors.as_deref().is_some_and(|e| e != "[]" && !e.is_empty()) {
+            with_errors += 1;
+        }
+        match true_index {
+            Some(i) => {
+                indexes.insert(i);
+                if let Some(at) = pushed_at[i] {
+                    latencies.push(ms(r.arrival, at));
+                }
+                if by_pts != Some(i) {
+                    pairing_errors += 1;
+                }
+            }
+            None => undecodable += 1,
+        }
+        match by_pts {
+            Some(p) if p < sent => {
+                if let Some(at) = pushed_at[p] {
+                    latencies_by_pts.push(ms(r.arrival, at));
+                }
+            }
+            _ => no_pts += 1,
+        }
+        rows.push(serde_json::json!({
+            "arrival": r.arrival.saturating_duration_since(started).as_secs_f64(),
+            "frame_id": r.frame_id,
+            "pts_ns": r.pts.map(|p| p.nseconds()),
+            "latency_ms": r.latency.map(|l| l.nseconds() as f64 / 1e6),
+            "rgb": r.rgb,
+            "index": true_index,
+            "by_pts": by_pts,
+            "errors": r.errors,
+        }));
+    }
+    if let Some(path) = &o.results_file {
+        let handed: Vec<Option<f64>> = pushed_at
+            .iter()
+            .map(|t| t.map(|t| t.saturating_duration_since(started).as_secs_f64()))
+            .collect();
+        let dump = serde_json::json!({"handed": handed, "results": rows});
+        std::fs::write(path, dump.to_string()).map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    let mut push_errors = push_errors.lock().unwrap().clone();
+    push_errors.extend(late_errors);
+    Ok(serde_json::json!({
+        "client": "gst-roboflow",
+        "realtime": o.realtime,
+        "format": o.format,
+        "max_frames_in_flight": o.max_frames_in_flight,
+        "sets": o.sets.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "start_after": o.start_after,
+        "start": start,
+        "phases_before_push": phases_seen,
+        "frames_sent": sent,
+        "results": shared.received.len(),
+        "distinct_frames": indexes.len(),
+        "pairing_errors": pairing_errors,
+        "pairing": "round(pts * fps)",
+        "results_without_usable_pts": no_pts,
+        "undecodable_results": undecodable,
+        "max_colour_distance": max_distance,
+        "results_with_errors": with_errors,
+        "latency_ms_p50": percentile(&latencies, 50.0),
+        "latency_ms_p95": percentile(&latencies, 95.0),
+        "latency_ms_max": latencies.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
+        "latency_by_pts_ms_p50": percentile(&latencies_by_pts, 50.0),
+        "latency_by_pts_ms_p95": percentile(&latencies_by_pts, 95.0),
+        "plugin_latency_ms_p50": percentile(&plugin_latencies, 50.0),
+        "plugin_latency_ms_p95": percentile(&plugin_latencies, 95.0),
+        "plugin_latency_count": plugin_latencies.len(),
+        "playing_time": playing_time,
+        "push_start_time": push_start_time,
+        "end_time": end_time,
+        "total_time": total_time,
+        "ended": ended,
+        "stats": stats,
+        "other_messages": shared.other_messages,
+        "warnings": shared.warnings,
+        "push_errors": push_errors,
+        "cpu_seconds_self": cpu,
+        "peak_rss_kib_self": hwm,
+        "error": error,
+    }))
+}
