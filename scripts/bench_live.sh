@@ -20,6 +20,10 @@
 #   BENCH_OURS_SET     extra "name=value" sink properties for ours, space-separated
 #   BENCH_START_AFTER  connected (default): both clients hand over frame 0 once
 #                      their session is up; playing/started: at once
+#   BENCH_SDK_THREADSAFE  1: the SDK side hands frames over on the SDK's event
+#                      loop (call_soon_threadsafe(source.send, frame)); 0
+#                      (default): ManualSource.send() from the caller's
+#                      thread, as the SDK documents it
 #   BENCH_IDLE         seconds without a result after the last frame before a
 #                      job stops waiting (5)
 #   BENCH_TIMEOUT      seconds allowed per job (120); a job over it is killed
@@ -34,9 +38,10 @@
 # Measured per job (see the two clients' headers for details):
 #   results / frames sent   results received / frames handed to the client
 #   pairing errors          results whose dominant colour decodes to another
-#                           frame than the client's pairing says: ours by the
-#                           message's pts (round(pts * 30)), the SDK by its
-#                           VideoMetadata.frame_id - 1 (and, second, by pts)
+#                           frame than the client's pairing says: by the
+#                           result's pts (round(pts * 30)), for both (the
+#                           SDK's VideoMetadata.pts); the SDK's pairing by
+#                           VideoMetadata.frame_id - 1 is shown too
 #   latency p50/p95         result arrival - the instant the frame (named by
 #                           its colour) was handed to the client; ours also
 #                           prints the plugin's own `latency` field
@@ -127,7 +132,8 @@ run_job() { # client realtime run
         cmd=(env ROBOFLOW_ICE_LOOPBACK_ONLY=1 "PYTHONPATH=$PWD/scripts/server${PYTHONPATH:+:$PYTHONPATH}"
              "$PY" scripts/bench_live_sdk.py --api-url "$API_URL" --workflow-spec-file "$WORKFLOW"
              --data-output "$DATA_OUTPUT" --realtime "$realtime" --frames "$FRAMES"
-             --start-after "$start" --idle-timeout "$IDLE" --results-file "$LOGS/$name.results.json")
+             --start-after "$start" --idle-timeout "$IDLE" --results-file "$LOGS/$name.results.json"
+             --threadsafe-send "${BENCH_SDK_THREADSAFE:-0}")
     fi
     local load_before rc
     load_before="$(cut -d' ' -f1 /proc/loadavg)"
@@ -212,8 +218,8 @@ rows = [
     ("results (of frames sent)", "results", 0),
     ("frames sent (handed to the client)", "frames_sent", 0),
     ("distinct frames with a result", "distinct_frames", 0),
-    ("pairing errors (ours: by pts; SDK: by frame_id)", "pairing_errors", 0),
-    ("  SDK pairing errors by its pts", "pairing_errors_by_pts", 0),
+    ("pairing errors (result's pts -> frame; colour differs)", "pairing_errors", 0),
+    ("  SDK pairing errors by frame_id - 1 instead", "pairing_errors_by_frame_id", 0),
     ("latency p50, ms (handed -> result, frame by colour)", "latency_ms_p50", 0),
     ("latency p95, ms", "latency_ms_p95", 0),
     ("  plugin's own latency field p50, ms", "plugin_latency_ms_p50", 0),

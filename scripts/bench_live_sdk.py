@@ -37,9 +37,10 @@ How the SDK behaves here (inference_sdk/webrtc/{session,sources}.py):
   no result, then closes the session (session.close()).
 
 Pairing "as the SDK gives it": a result is paired with frame
-(frame_id - 1) [by_frame_id] and with frame round(pts * time_base * FPS)
-[by_pts]; a pairing error is a result whose dominant colour decodes to
-another index. Latency uses the index decoded from the colour (the frame
+round(pts * time_base * FPS) [by_pts, pairing_errors: the same rule as our
+client's] and with frame (frame_id - 1) [by_frame_id,
+pairing_errors_by_frame_id]; a pairing error is a result whose dominant
+colour decodes to another index. Latency uses the index decoded from the colour (the frame
 the result really belongs to): arrival (monotonic, in the data callback)
 minus the instant that frame was handed to send().
 CPU and peak RSS: getrusage(RUSAGE_SELF) at the end (includes the imports);
@@ -97,6 +98,9 @@ def main() -> int:
     parser.add_argument("--idle-timeout", type=float, default=5.0)
     parser.add_argument("--start-after", choices=["connected", "started"], default="connected")
     parser.add_argument("--results-file", default="")
+    parser.add_argument("--threadsafe-send", type=int, choices=[0, 1], default=0,
+                        help="1: call send() on the SDK's event loop (call_soon_threadsafe) "
+                             "instead of from this thread, as the SDK's own send() does not")
     args = parser.parse_args()
     if args.frames > 343:
         parser.error("the colour code holds 343 frames")
@@ -172,7 +176,10 @@ def main() -> int:
             frame = np.empty((args.height, args.width, 3), dtype=np.uint8)
             frame[:, :] = (b, g, r)  # BGR, as ManualSource.send() expects
             handed[i] = time.monotonic()
-            source.send(frame)
+            if args.threadsafe_send:
+                session._loop.call_soon_threadsafe(source.send, frame)
+            else:
+                source.send(frame)
             sent += 1
         last_sent = time.monotonic()
         while True:
@@ -235,12 +242,13 @@ def main() -> int:
         "client": "inference_sdk",
         "realtime": bool(args.realtime),
         "start_after": args.start_after,
+        "threadsafe_send": bool(args.threadsafe_send),
         "frames_sent": sent,
         "results": len(rows),
         "distinct_frames": len({r["index"] for r in per_result if r["index"] is not None}),
-        "pairing_errors": errors_by_frame_id,
-        "pairing_errors_by_pts": errors_by_pts,
-        "pairing": "frame_id - 1 (pts-based in pairing_errors_by_pts)",
+        "pairing_errors": errors_by_pts,
+        "pairing_errors_by_frame_id": errors_by_frame_id,
+        "pairing": "round(pts * time_base * fps) (frame_id - 1 in pairing_errors_by_frame_id)",
         "undecodable_results": undecodable,
         "max_colour_distance": max_distance,
         "results_with_errors": frame_errors,
