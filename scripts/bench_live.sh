@@ -6,7 +6,7 @@
 # realtime processing on and off.
 #   scripts/bench_live.sh
 # The stream: 300 frames of 640x480 at 30 fps, each a solid colour that
-# encodes its index (3 channels x 7 levels 40 apart, base 7), handed to the
+# encodes its index (3 channels x 7 levels 42 apart, base 7), handed to the
 # client one every 33.3 ms like a camera; the Workflow
 # (examples/workflows/blur-dominant-color.json) returns each frame's dominant
 # colour as `rgb_color`, which names the frame the result really belongs to.
@@ -228,7 +228,8 @@ rows = [
     ("client peak RSS (GNU time), MiB", "rss", 0),
     ("  in-process CPU (getrusage), s", "cpu_seconds_self", 2),
     ("  in-process peak RSS (VmHWM), MiB", "rss_self", 0),
-    ("max colour distance to its code point", "max_colour_distance", 0),
+    ("max colour distance to its code point (decodes up to 20)", "max_colour_distance", 0),
+    ("results with colour distance >= 15", "results_colour_distance_ge_15", 0),
 ]
 ratio_rows = {"results", "distinct_frames", "latency_ms_p50", "latency_ms_p95", "cpu", "rss"}
 out = {"tree": os.environ.get("BENCH_TREE"), "runs": int(runs), "frames": int(frames),

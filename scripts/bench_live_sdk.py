@@ -8,8 +8,8 @@ line with the same fields as examples/bench_live.rs.
         --data-output rgb_color --realtime 1 [--frames 300] [--api-url URL]
 
 The stream: FRAMES frames of WIDTHxHEIGHT at FPS, each a solid colour that
-encodes its index (see colour_of / index_of: 3 channels x 7 levels 40 apart,
-base 7, so consecutive frames differ by 40 in blue). Frame i is handed to
+encodes its index (see colour_of / index_of: 3 channels x 7 levels 42 apart,
+base 7, so consecutive frames differ by 42 in blue). Frame i is handed to
 ManualSource.send() at t0 + i/FPS (like a camera); the instant is recorded
 (time.monotonic) just before send().
 
@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 
-LEVELS = [8 + 40 * k for k in range(7)]  # 8, 48, ..., 248
+LEVELS = [42 * k for k in range(7)]  # 0, 42, ..., 252: decoding tolerates 20 per channel
 
 
 def colour_of(index: int) -> tuple:
@@ -68,7 +68,7 @@ def index_of(rgb) -> tuple:
     digits = []
     distance = 0
     for c in rgb:
-        k = min(6, max(0, round((float(c) - LEVELS[0]) / 40)))
+        k = min(6, max(0, int((float(c) - LEVELS[0]) / 42 + 0.5)))
         digits.append(k)
         distance = max(distance, abs(float(c) - LEVELS[k]))
     return digits[0] * 49 + digits[1] * 7 + digits[2], distance
@@ -206,6 +206,7 @@ def main() -> int:
     latencies = []
     errors_by_frame_id = errors_by_pts = undecodable = frame_errors = 0
     max_distance = 0.0
+    near_boundary = 0
     per_result = []
     for arrival, frame_id, pts, time_base, rgb, errors in rows:
         if errors:
@@ -214,6 +215,7 @@ def main() -> int:
         if isinstance(rgb, (list, tuple)) and len(rgb) == 3 and all(isinstance(c, (int, float)) for c in rgb):
             true_index, distance = index_of(rgb)
             max_distance = max(max_distance, distance)
+            near_boundary += distance >= 15
             if true_index >= sent:
                 true_index = None
         if true_index is None:
@@ -251,6 +253,7 @@ def main() -> int:
         "pairing": "round(pts * time_base * fps) (frame_id - 1 in pairing_errors_by_frame_id)",
         "undecodable_results": undecodable,
         "max_colour_distance": max_distance,
+        "results_colour_distance_ge_15": near_boundary,
         "results_with_errors": frame_errors,
         "latency_ms_p50": percentile(latencies, 50),
         "latency_ms_p95": percentile(latencies, 95),
