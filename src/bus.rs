@@ -35,15 +35,24 @@ pub fn summary_structure(mut stats: gst::Structure) -> gst::Structure {
 /// GStreamer 1.22 prints an empty GstValueArray as `(int)< >` (an empty
 /// array's type is taken as int) and a GStrv field as `(GStrv)NULL` even
 /// when it has items, so neither reads right in `gst-launch-1.0 -m`.
+///
+/// Live video: `pts` is the PTS of the buffer the result belongs to (None
+/// when no frame sent matches), `latency` the time from that buffer reaching
+/// the sink to the result's arrival, and `frames-skipped` the frames sent
+/// before it that got no result.
 pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
-    let pts = frame.pts_ns().map(gst::ClockTime::from_nseconds);
+    let pts = frame.source_pts_ns().map(gst::ClockTime::from_nseconds);
     let errors = serde_json::to_string(&frame.errors).expect("a list of strings is JSON");
-    gst::Structure::builder(INFERENCE_MESSAGE)
+    let mut builder = gst::Structure::builder(INFERENCE_MESSAGE)
         .field("frame-id", frame.frame_id)
         .field("pts", pts)
         .field("json", redact_images(&frame.json).to_string())
-        .field("errors", errors)
-        .build()
+        .field("errors", errors);
+    if let Some(live) = &frame.live {
+        let latency = live.latency.map(|latency| gst::ClockTime::from_nseconds(latency.as_nanos() as u64));
+        builder = builder.field("latency", latency).field("frames-skipped", live.skipped);
+    }
+    builder.build()
 }
 
 #[cfg(test)]
@@ -56,6 +65,8 @@ mod tests {
             pts_seconds: Some(0.1),
             errors: errors.iter().map(|e| (*e).to_owned()).collect(),
             json: serde_json::json!({"errors": errors}),
+            pts_90khz: Some(9000),
+            live: None,
         }
     }
 

@@ -45,7 +45,7 @@ pub fn build_request(config: &SessionConfig, offer_sdp: String) -> InitialiseReq
         processing_timeout: config.processing_timeout,
         requested_plan: config.requested_plan.clone(),
         requested_region: config.requested_region.clone(),
-        video_file_upload: true,
+        video_file_upload: config.live.is_none(),
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use url::Url;
 
+use crate::protocol::live::LiveCodec;
+
 use super::{ApiKeyTransport, IceServer, VideoTransport, WorkflowSource};
 
 /// Everything a session needs, validated.
@@ -42,6 +44,12 @@ pub struct SessionConfig {
     pub keepalive_interval: Duration,
     /// Largest reassembled result of one frame (gzip inflates to at most 4x).
     pub max_result_size: usize,
+    /// The codec raw video is encoded to (`video-codec`).
+    pub video_codec: LiveCodec,
+    pub max_frames_in_flight: u32,
+    /// Live video in: the track's codec. None: a file upload. Decided by
+    /// the sink's caps, once the session starts.
+    pub live: Option<LiveCodec>,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -53,6 +61,7 @@ impl std::fmt::Debug for SessionConfig {
             .field("stream_output", &self.stream_output)
             .field("data_output", &self.data_output)
             .field("udp_bind_address", &self.udp_bind_address)
+            .field("live", &self.live)
             .finish_non_exhaustive()
     }
 }

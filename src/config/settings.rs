@@ -10,6 +10,7 @@ use super::network::{self, AUTO_SCTP_MTU};
 use super::workflow::{self, DEFAULT_TASK_TYPE};
 use super::{ConfigError, DEFAULT_IMAGE_INPUT_NAME, SessionConfig, config_error, non_empty};
 use crate::protocol::DEFAULT_KEEPALIVE_INTERVAL;
+use crate::protocol::live::LiveCodec;
 use crate::protocol::upload::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
 
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:9001";
@@ -77,6 +78,33 @@ pub enum UploadMode {
     Spool = 1,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstRoboflowVideoCodec")]
+pub enum VideoCodec {
+    #[enum_value(name = "VP8 (libvpx vp8enc, realtime settings)", nick = "vp8")]
+    Vp8 = 0,
+    #[enum_value(
+        name = "H.264 constrained baseline (x264enc or openh264enc, zero latency)",
+        nick = "h264"
+    )]
+    H264 = 1,
+}
+
+impl VideoCodec {
+    pub fn live_codec(self) -> LiveCodec {
+        match self {
+            VideoCodec::Vp8 => LiveCodec::Vp8,
+            VideoCodec::H264 => LiveCodec::H264,
+        }
+    }
+}
+
+/// Frames sent whose result has not come back, by default: one being
+/// processed and one waiting, so the server never idles and never queues.
+pub const DEFAULT_MAX_FRAMES_IN_FLIGHT: u32 = 2;
+pub const MAX_MAX_FRAMES_IN_FLIGHT: u32 = 64;
+
 /// The properties of roboflowuploadsink, as set by the user.
 #[derive(Clone)]
 pub struct UploadSettings {
@@ -113,6 +141,10 @@ pub struct UploadSettings {
     pub max_result_size: u64,
     pub upload_mode: UploadMode,
     pub session: Option<String>,
+    /// Live video: the codec raw video is encoded to.
+    pub video_codec: VideoCodec,
+    /// Live video: frames sent whose result has not come back.
+    pub max_frames_in_flight: u32,
 }
 
 impl std::fmt::Debug for UploadSettings {
@@ -167,6 +199,8 @@ impl Default for UploadSettings {
             max_result_size: DEFAULT_MAX_RESULT_SIZE,
             upload_mode: UploadMode::Auto,
             session: None,
+            video_codec: VideoCodec::Vp8,
+            max_frames_in_flight: DEFAULT_MAX_FRAMES_IN_FLIGHT,
         }
     }
 }
@@ -240,6 +274,13 @@ impl UploadSettings {
             return Err(config_error("stall-timeout", "must be > 0 ms"));
         }
 
+        if !(1..=MAX_MAX_FRAMES_IN_FLIGHT).contains(&self.max_frames_in_flight) {
+            return Err(config_error(
+                "max-frames-in-flight",
+                format!("{} is out of range 1..={MAX_MAX_FRAMES_IN_FLIGHT}", self.max_frames_in_flight),
+            ));
+        }
+
         let ice_servers = network::parse_ice_servers(&self.ice_servers)?;
         let udp_bind_address = network::udp_bind_address(&self.udp_bind_address, &api_url)?;
         let sctp_mtu = network::sctp_mtu(self.sctp_mtu, udp_bind_address, &ice_servers);
@@ -278,6 +319,9 @@ impl UploadSettings {
             sctp_mtu,
             keepalive_interval: Duration::from_millis(self.keepalive_interval_ms.into()),
             max_result_size: usize::try_from(self.max_result_size).unwrap_or(usize::MAX),
+            video_codec: self.video_codec.live_codec(),
+            max_frames_in_flight: self.max_frames_in_flight,
+            live: None,
         })
     }
 }

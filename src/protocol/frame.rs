@@ -61,6 +61,25 @@ impl VideoMetadata {
         Some(self.pts? as f64 * self.time_base?)
     }
 
+    /// The pts in 90 kHz ticks, mod 2^32: a live track's RTP timestamp
+    /// minus the server's first (PROTOCOL.md §10). Exact for the server's
+    /// 1/90000 time base, rounded for any other.
+    pub fn pts_90khz(&self) -> Option<u32> {
+        let (pts, time_base) = (self.pts?, self.time_base?);
+        if !(time_base.is_finite() && time_base > 0.0) {
+            return None;
+        }
+        let ticks = if (time_base * 90_000.0 - 1.0).abs() < 1e-9 {
+            pts
+        } else {
+            let ticks = (pts as f64 * time_base * 90_000.0).round();
+            if !ticks.is_finite() || ticks.abs() > 9.0e15 {
+                return None;
+            }
+            ticks as i64
+        };
+        Some(ticks.rem_euclid(1 << 32) as u32)
+    }
 }
 
 /// A presentation time in seconds as whole nanoseconds, for a buffer

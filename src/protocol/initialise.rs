@@ -35,6 +35,8 @@ pub struct InitialiseRequest {
     pub requested_plan: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requested_region: Option<String>,
+    /// True for a file upload on `video_upload`; left out for live video.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub video_file_upload: bool,
 }
 

@@ -7,6 +7,7 @@ pub mod error_body;
 pub mod frame;
 pub mod initialise;
 pub mod keepalive;
+pub mod live;
 pub mod results;
 pub mod rtp_pairing;
 pub mod upload;

@@ -64,6 +64,9 @@ pub struct Counters {
 pub struct ResultMeta {
     frame_id: u64,
     json: glib::SendValue,
+    /// Live video: the PTS of the buffer sent, which the returned frame
+    /// takes in place of the server's pts.
+    pub source_pts: Option<u64>,
 }
 
 impl ResultMeta {
@@ -71,6 +74,7 @@ impl ResultMeta {
         Some(ResultMeta {
             frame_id: structure.get("frame-id").ok()?,
             json: structure.value("json").ok()?.clone(),
+            source_pts: None,
         })
     }
 
@@ -488,7 +492,8 @@ impl FrameSrc {
         let shared = self.shared.lock().unwrap().clone();
         shared.counters.frames_received.fetch_add(1, Ordering::Relaxed);
         let structure = crate::bus::inference_structure(frame);
-        let result = ResultMeta::from_structure(&structure);
+        let result = ResultMeta::from_structure(&structure)
+            .map(|result| ResultMeta { source_pts: frame.live.as_ref().and(frame.source_pts_ns()), ..result });
         if let Some(owner) = self.owner() {
             let message = gst::message::Element::builder(structure).src(&owner).build();
             let _ = owner.post_message(message);
@@ -503,7 +508,7 @@ impl FrameSrc {
         let mut buffer = gst::Buffer::from_mut_slice(bytes);
         {
             let buffer = buffer.get_mut().unwrap();
-            buffer.set_pts(frame.pts_ns().map(gst::ClockTime::from_nseconds));
+            buffer.set_pts(frame.source_pts_ns().map(gst::ClockTime::from_nseconds));
             buffer.set_offset(frame.frame_id);
             // The frame's result travels on the frame itself, through the
             // decoder and whatever follows (the meta has no tags, so

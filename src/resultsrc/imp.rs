@@ -280,7 +280,14 @@ impl ResultSrc {
                     || buffer
                         .pts()
                         .and_then(|pts| shared.results.lock().unwrap().take(pts.nseconds()))
-                        .is_some_and(|result| result.attach(buffer.make_mut()));
+                        .is_some_and(|result| {
+                            let buffer = buffer.make_mut();
+                            // Live video: the frame takes its source buffer's PTS.
+                            if let Some(pts) = result.source_pts {
+                                buffer.set_pts(gst::ClockTime::from_nseconds(pts));
+                            }
+                            result.attach(buffer)
+                        });
                 if paired {
                     shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
                 } else {

@@ -13,6 +13,7 @@ use serde::Deserialize as _;
 
 use crate::config::SessionConfig;
 use crate::protocol::keepalive::{AckTracker, KeepaliveTracker};
+use crate::protocol::live::{LivePairing, SentFrame};
 use crate::protocol::{FrameResult, ack_message, pts_seconds_to_ns};
 use crate::protocol::results::{ReassemblyLimits, ResultReassembler};
 use crate::protocol::upload::{UploadError, UploadFramer, is_keepalive};
@@ -71,12 +72,37 @@ pub struct FrameEvent {
     pub errors: Vec<String>,
     /// The whole result object.
     pub json: serde_json::Value,
+    /// The pts in 90 kHz ticks (mod 2^32), for pairing with RTP.
+    pub pts_90khz: Option<u32>,
+    /// Live video: the frame sent that this result belongs to.
+    pub live: Option<LiveMatch>,
+}
+
+/// Live video: which frame sent a result belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveMatch {
+    /// None: no frame sent matches the result's pts.
+    pub frame: Option<SentFrame>,
+    /// From the buffer reaching the sink to the result's arrival.
+    pub latency: Option<Duration>,
+    /// Frames sent before this one that got no result.
+    pub skipped: u64,
 }
 
 impl FrameEvent {
-    /// The source PTS in nanoseconds, when the result carries a usable one.
+    /// The pts on the server's timeline in nanoseconds (pts x time_base),
+    /// when the result carries a usable one.
     pub fn pts_ns(&self) -> Option<u64> {
         self.pts_seconds.and_then(pts_seconds_to_ns)
+    }
+
+    /// The PTS of the buffer the result belongs to: the server's pts for a
+    /// file (its timeline is the file's), the paired buffer's for live video.
+    pub fn source_pts_ns(&self) -> Option<u64> {
+        match &self.live {
+            Some(live) => live.frame.and_then(|frame| frame.pts_ns),
+            None => self.pts_ns(),
+        }
     }
 }
 
@@ -124,6 +150,14 @@ pub enum Input<'a> {
     EnableAcks { lead: u64 },
     /// The consumer has fully handled this frame.
     FrameHandled(u64),
+    /// Live video: the track is set up; frames follow.
+    BeginLive,
+    /// Live video: a frame's packets were handed to the track.
+    FrameSent { rtp_timestamp: u32, pts_ns: Option<u64>, arrived: Instant },
+    /// Live video: the sink dropped a frame (window full, realtime).
+    FrameDropped,
+    /// Live video: no more frames; the track ended.
+    TrackEnded,
     /// The time returned by [`SessionCore::poll_timeout`] has come.
     Timeout,
     /// A failure the driver saw (e.g. a send that failed).
@@ -162,6 +196,12 @@ pub struct SessionStats {
     pub last_echo_rtt: Option<Duration>,
     pub frames_received: u64,
     pub acks_sent: u64,
+    /// Live video (all 0 for a file).
+    pub frames_sent: u64,
+    pub frames_dropped: u64,
+    pub frames_skipped: u64,
+    pub frames_in_flight: u64,
+    pub results_unpaired: u64,
 }
 
 /// The settings the core acts on, taken from the session's configuration.
@@ -172,6 +212,14 @@ struct Settings {
     chunk_size: usize,
     keepalive_interval: Duration,
     realtime: bool,
+    stall_timeout: Duration,
+}
+
+/// Live video: the frames sent and their results.
+struct LiveCore {
+    pairing: LivePairing<FrameEvent>,
+    /// Frames are in flight, and no result came since then.
+    waiting_since: Option<Instant>,
 }
 
 pub struct SessionCore {
@@ -189,6 +237,9 @@ pub struct SessionCore {
     acks: Option<AckTracker>,
     peer_was_connected: bool,
     disconnected_since: Option<Instant>,
+    live: Option<LiveCore>,
+    /// Live video: frames the sink dropped (also while connecting).
+    frames_dropped: u64,
 }
 
 impl SessionCore {
@@ -201,6 +252,7 @@ impl SessionCore {
                 chunk_size: config.chunk_size,
                 keepalive_interval: config.keepalive_interval,
                 realtime: config.realtime_processing,
+                stall_timeout: config.stall_timeout,
             },
             state: State::Connecting,
             failure: None,
@@ -219,6 +271,8 @@ impl SessionCore {
             acks: None,
             peer_was_connected: false,
             disconnected_since: None,
+            live: None,
+            frames_dropped: 0,
         }
     }
 
@@ -233,7 +287,16 @@ impl SessionCore {
 
     /// When [`Input::Timeout`] is due next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(live) = &self.live {
+            let waiting = matches!(self.state, State::Uploading | State::Receiving);
+            return waiting.then(|| live.waiting_since.map(|since| since + self.settings.stall_timeout)).flatten();
+        }
         (self.state == State::Uploading).then(|| self.keepalive.next_deadline()).flatten()
+    }
+
+    /// Live video: frames sent whose result has not come back.
+    pub fn frames_in_flight(&self) -> u64 {
+        self.live.as_ref().map_or(0, |live| live.pairing.in_flight())
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -248,6 +311,11 @@ impl SessionCore {
             last_echo_rtt: self.keepalive.last_rtt(),
             frames_received: self.frames_received,
             acks_sent: self.acks.as_ref().map_or(0, AckTracker::acks_sent),
+            frames_sent: self.live.as_ref().map_or(0, |live| live.pairing.frames_sent()),
+            frames_dropped: self.frames_dropped,
+            frames_skipped: self.live.as_ref().map_or(0, |live| live.pairing.frames_skipped()),
+            frames_in_flight: self.live.as_ref().map_or(0, |live| live.pairing.in_flight()),
+            results_unpaired: self.live.as_ref().map_or(0, |live| live.pairing.results_unpaired()),
         }
     }
 
@@ -301,8 +369,28 @@ impl SessionCore {
                 if !self.state.is_final()
                     && let Some(event) = self.on_result_message(data)?
                 {
-                    out.push(Output::Deliver(event));
+                    self.deliver(event, now, out);
                 }
+            }
+            Input::BeginLive => match self.state {
+                State::Connected => {
+                    self.state = State::Uploading;
+                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None });
+                }
+                State::Connecting => {
+                    return Err(SessionError::UploadMismatch("live video began before the session was connected".to_owned()));
+                }
+                _ => return Err(SessionError::UploadMismatch("live video began twice".to_owned())),
+            },
+            Input::FrameSent { rtp_timestamp, pts_ns, arrived } => {
+                let live = self.live_frames()?;
+                live.pairing.on_frame_sent(rtp_timestamp, pts_ns, arrived);
+                live.waiting_since.get_or_insert(now);
+            }
+            Input::FrameDropped => self.frames_dropped += 1,
+            Input::TrackEnded => {
+                self.live_frames()?;
+                self.state = State::Receiving;
             }
             Input::ControlChannelClosed => {
                 if !self.state.is_final() {
@@ -325,7 +413,7 @@ impl SessionCore {
                     out.push(Output::SendControl(ack_message(ack)));
                 }
             }
-            Input::Timeout => self.on_timeout(now, out),
+            Input::Timeout => self.on_timeout(now, out)?,
             Input::Close => {
                 if !self.state.is_final() {
                     self.state = State::Closed;
@@ -334,6 +422,43 @@ impl SessionCore {
             }
         }
         Ok(())
+    }
+
+    /// The live state while frames may still be sent.
+    fn live_frames(&mut self) -> Result<&mut LiveCore, SessionError> {
+        match (&mut self.live, self.state) {
+            (Some(live), State::Uploading) => Ok(live),
+            (_, state) => Err(SessionError::UploadMismatch(format!("a live frame came while the session is {}", state.as_str()))),
+        }
+    }
+
+    /// Hands a result to the consumer; live results first find their frame.
+    fn deliver(&mut self, event: ResultEvent, now: Instant, out: &mut Vec<Output>) {
+        let Some(live) = self.live.as_mut() else {
+            out.push(Output::Deliver(event));
+            return;
+        };
+        let (paired, complete) = match event {
+            ResultEvent::Frame(frame) => {
+                let ticks = frame.pts_90khz;
+                (live.pairing.on_result(ticks, *frame), None)
+            }
+            complete @ ResultEvent::Complete { .. } => (live.pairing.finish(), Some(complete)),
+        };
+        for paired in paired {
+            let mut frame = paired.result;
+            frame.live = Some(LiveMatch {
+                frame: paired.frame,
+                latency: paired.frame.map(|sent| now.saturating_duration_since(sent.arrived)),
+                skipped: paired.skipped,
+            });
+            out.push(Output::Deliver(ResultEvent::Frame(Box::new(frame))));
+        }
+        // The stall clock restarts with each result, while frames remain.
+        live.waiting_since = (live.pairing.in_flight() > 0).then_some(now);
+        if let Some(complete) = complete {
+            out.push(Output::Deliver(complete));
+        }
     }
 
     fn fail(&mut self, error: SessionError, out: &mut Vec<Output>) {
@@ -413,6 +538,8 @@ impl SessionCore {
         Ok(Some(ResultEvent::Frame(Box::new(FrameEvent {
             frame_id: metadata.and_then(|m| m.frame_id).unwrap_or(u64::from(completed.frame_id)),
             pts_seconds: metadata.and_then(|m| m.pts_seconds()),
+            pts_90khz: metadata.and_then(|m| m.pts_90khz()),
+            live: None,
             errors: result.errors,
             json,
         }))))
@@ -451,9 +578,18 @@ impl SessionCore {
         Ok(())
     }
 
-    fn on_timeout(&mut self, now: Instant, out: &mut Vec<Output>) {
+    fn on_timeout(&mut self, now: Instant, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        if self.live.is_some() {
+            if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
+                return Err(SessionError::ResultsStalled {
+                    timeout: self.settings.stall_timeout,
+                    results: self.frames_received,
+                });
+            }
+            return Ok(());
+        }
         if self.state != State::Uploading || !self.keepalive.poll_send(now) {
-            return;
+            return Ok(());
         }
         out.push(Output::SendKeepalive);
         // An echo normally takes milliseconds; two intervals is generous.
@@ -466,6 +602,7 @@ impl SessionCore {
                 grace.as_secs_f64()
             )));
         }
+        Ok(())
     }
 }
 

@@ -11,11 +11,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use rtc::shared::marshal::Marshal;
+use rtc::shared::marshal::{Marshal, Unmarshal};
 use tokio::sync::{Notify, mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
@@ -24,6 +29,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::config::SessionConfig;
+use crate::protocol::live::LiveCodec;
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
 use crate::runtime::RUNTIME;
 use crate::signalling;
@@ -47,6 +53,11 @@ const UPLOAD_QUEUE: usize = 2;
 /// this they are dropped (and counted) rather than stalling the connection.
 const TRACK_QUEUE: usize = 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames of RTP packets handed to the track's sender task. The sink's
+/// frames-in-flight window bounds what is sent; this only decouples.
+const TRACK_OUT_QUEUE: usize = 4;
+/// The payload type offered for the client's track.
+const LIVE_PAYLOAD_TYPE: u8 = 96;
 /// ICE consent: a check every second; no answer for this long is
 /// "disconnected", and this much longer "failed". A dead server worker is
 /// thus noticed within about 9 s (webrtc-rs's defaults: about 30 s). The
@@ -65,6 +76,23 @@ pub enum TrackItem {
     Packet(Bytes),
 }
 
+/// What the sink hands to the client track's sender task, in order.
+#[derive(Debug)]
+pub enum TrackOut {
+    /// One frame's RTP packets (restamped, with the boundary packet).
+    Frame(Vec<Vec<u8>>),
+    /// The end: an RTCP BYE for the track's SSRC.
+    End,
+}
+
+/// The client's video track (live video in).
+#[derive(Clone)]
+struct LiveTrack {
+    local: Arc<TrackLocalStaticRTP>,
+    ssrc: u32,
+    payload_type: u8,
+}
+
 /// The state the driver and the two endpoints share.
 pub(crate) struct Shared {
     pub name: String,
@@ -72,6 +100,8 @@ pub(crate) struct Shared {
     core: Mutex<SessionCore>,
     /// The core's state, for waiters.
     state: watch::Sender<State>,
+    /// Live video: frames sent whose result has not come back, for waiters.
+    in_flight: watch::Sender<u64>,
     /// The first failure, for waiters (also `Closed` after a close).
     failure: watch::Sender<Option<SessionError>>,
     /// Wakes the timer task when the core's next timeout may have moved.
@@ -82,6 +112,8 @@ pub(crate) struct Shared {
     track_packets_dropped: AtomicU64,
     /// Chunks to the upload task, once the upload channel is open.
     upload_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// Frames to the client track's sender task, once connected (live).
+    track_out_tx: Mutex<Option<mpsc::Sender<TrackOut>>>,
     /// Text messages to the control sender task, once the channel is open.
     control_tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
     upload_channel: Mutex<Option<Arc<dyn DataChannel>>>,
@@ -116,6 +148,7 @@ impl Shared {
             core: Mutex::new(SessionCore::new(&config)),
             config: Arc::new(config),
             state: watch::Sender::new(State::Connecting),
+            in_flight: watch::Sender::new(0),
             failure: watch::Sender::new(None),
             timer: Notify::new(),
             warnings: Mutex::new(Vec::new()),
@@ -123,6 +156,7 @@ impl Shared {
             track_tx,
             track_packets_dropped: AtomicU64::new(0),
             upload_tx: Mutex::new(None),
+            track_out_tx: Mutex::new(None),
             control_tx: Mutex::new(None),
             upload_channel: Mutex::new(None),
             peer: Mutex::new(None),
@@ -167,6 +201,8 @@ impl Shared {
             let mut core = self.core.lock().unwrap();
             let before = core.poll_timeout();
             let outputs = core.handle(input, Instant::now());
+            let in_flight = core.frames_in_flight();
+            self.in_flight.send_if_modified(|current| std::mem::replace(current, in_flight) != in_flight);
             (outputs, core.state(), core.poll_timeout() != before)
         };
         self.state.send_if_modified(|current| std::mem::replace(current, state) != state);
@@ -201,6 +237,17 @@ impl Shared {
         }
     }
 
+    /// Live video: waits until fewer than `max` frames are in flight, or the
+    /// session failed.
+    pub async fn wait_in_flight_below(&self, max: u64) -> Result<(), SessionError> {
+        let mut in_flight = self.in_flight.subscribe();
+        tokio::select! {
+            biased;
+            error = self.failed() => Err(error),
+            result = in_flight.wait_for(|n| *n < max) => result.map(|_| ()).map_err(|_| SessionError::Closed),
+        }
+    }
+
     /// Waits until the state satisfies `reached`, or the session failed.
     pub async fn wait_state(&self, reached: impl Fn(State) -> bool) -> Result<(), SessionError> {
         let mut state = self.state.subscribe();
@@ -216,6 +263,11 @@ impl Shared {
         self.upload_tx.lock().unwrap().clone()
     }
 
+    /// Frames to the client track's sender task, once connected (live).
+    pub fn track_sender(&self) -> Option<mpsc::Sender<TrackOut>> {
+        self.track_out_tx.lock().unwrap().clone()
+    }
+
     /// Closes the peer connection and stops every task; returns at once.
     /// `reason` is what waiters that have not seen a failure yet are told.
     pub fn close(&self, reason: SessionError) {
@@ -229,6 +281,7 @@ impl Shared {
             task.abort();
         }
         self.upload_tx.lock().unwrap().take();
+        self.track_out_tx.lock().unwrap().take();
         self.control_tx.lock().unwrap().take();
         self.upload_channel.lock().unwrap().take();
         if let Some(peer) = self.peer.lock().unwrap().take() {
@@ -332,7 +385,14 @@ impl Shared {
     async fn establish(self: Arc<Self>) -> Result<(), SessionError> {
         let config = self.config.clone();
         let mut media = MediaEngine::default();
-        media.register_default_codecs().map_err(|err| setup("registering codecs failed", err))?;
+        match config.live {
+            // Only the codec sent: the server's returned track, if any, uses
+            // the offer's first codec too (§10).
+            Some(codec) => media
+                .register_codec(live_codec_parameters(codec), RtpCodecKind::Video)
+                .map_err(|err| setup("registering the video codec failed", err))?,
+            None => media.register_default_codecs().map_err(|err| setup("registering codecs failed", err))?,
+        }
         let registry = register_default_interceptors(Registry::new(), &mut media)
             .map_err(|err| setup("registering interceptors failed", err))?;
         // mDNS candidates would hide our address from the server and can make
@@ -395,7 +455,12 @@ impl Shared {
             self.spawn(async move { session.read_control(channel, control_open_tx).await });
         }
 
-        if config.wants_video_track() {
+        let live_track = match config.live {
+            // After the inference channel, as the server expects (§10).
+            Some(codec) => Some(add_live_track(&peer, codec).await?),
+            None => None,
+        };
+        if live_track.is_none() && config.wants_video_track() {
             peer.add_transceiver_from_kind(
                 RtpCodecKind::Video,
                 Some(RTCRtpTransceiverInit {
@@ -437,6 +502,16 @@ impl Shared {
             self.spawn(async move { session.send_controls(control, control_rx).await });
         }
         *self.control_tx.lock().unwrap() = Some(control_tx);
+
+        if let Some((track, sender)) = live_track {
+            let payload_type = negotiated_payload_type(&sender, config.live).await?;
+            let track = LiveTrack { payload_type, ..track };
+            let (track_tx, track_rx) = mpsc::channel(TRACK_OUT_QUEUE);
+            let session = self.clone();
+            self.spawn(async move { session.send_track(track, track_rx).await });
+            *self.track_out_tx.lock().unwrap() = Some(track_tx);
+            return Ok(());
+        }
 
         // Opened only now, so that the server sees the channels in protocol
         // order: inference, then video_upload (channels created before the
@@ -520,6 +595,41 @@ impl Shared {
         }
     }
 
+    /// Writes the client track's frames, then its BYE. A write waits while
+    /// the connection's queue is full; it is never cancelled midway.
+    async fn send_track(self: Arc<Self>, track: LiveTrack, mut frames: mpsc::Receiver<TrackOut>) {
+        let mut frame = 0u64;
+        while let Some(out) = frames.recv().await {
+            match out {
+                TrackOut::Frame(packets) => {
+                    frame += 1;
+                    for bytes in packets {
+                        let written = match rtc::rtp::Packet::unmarshal(&mut bytes.as_slice()) {
+                            Ok(mut packet) => {
+                                packet.header.ssrc = track.ssrc;
+                                packet.header.payload_type = track.payload_type;
+                                track.local.write_rtp(packet).await.map_err(|err| err.to_string())
+                            }
+                            Err(err) => Err(format!("the payloader's output is not RTP: {err}")),
+                        };
+                        if let Err(detail) = written {
+                            self.handle(Input::Fail(SessionError::TrackSendFailed { frame, detail }));
+                            return;
+                        }
+                    }
+                }
+                TrackOut::End => {
+                    let bye = rtc::rtcp::goodbye::Goodbye { sources: vec![track.ssrc], reason: Bytes::new() };
+                    if let Err(err) = track.local.write_rtcp(vec![Box::new(bye)]).await {
+                        gst::warning!(CAT, "session {}: the RTCP BYE was not sent: {err}", self.name);
+                    }
+                    gst::debug!(CAT, "session {}: track ended after {frame} frames (RTCP BYE)", self.name);
+                    return;
+                }
+            }
+        }
+    }
+
     async fn send_controls(self: Arc<Self>, channel: Arc<dyn DataChannel>, mut texts: mpsc::UnboundedReceiver<String>) {
         while let Some(text) = texts.recv().await {
             if let Err(err) = channel.send_text(&text).await {
@@ -575,6 +685,72 @@ impl Shared {
             self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The one video codec of a live session's media engine.
+fn live_codec_parameters(codec: LiveCodec) -> RTCRtpCodecParameters {
+    let feedback = |typ: &str, parameter: &str| RTCPFeedback { typ: typ.to_owned(), parameter: parameter.to_owned() };
+    RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec {
+            mime_type: codec.mime_type().to_owned(),
+            clock_rate: 90_000,
+            channels: 0,
+            sdp_fmtp_line: codec.sdp_fmtp_line().to_owned(),
+            rtcp_feedback: vec![feedback("nack", ""), feedback("nack", "pli"), feedback("ccm", "fir")],
+        },
+        payload_type: LIVE_PAYLOAD_TYPE,
+    }
+}
+
+/// Adds the client's track: a sendrecv transceiver, so that the server can
+/// return its own track on it (§10).
+async fn add_live_track(
+    peer: &Arc<dyn PeerConnection>,
+    codec: LiveCodec,
+) -> Result<(LiveTrack, Arc<dyn webrtc::rtp_transceiver::RtpSender>), SessionError> {
+    let ssrc = random_u32();
+    let parameters = live_codec_parameters(codec);
+    let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "gst-roboflow".to_owned(),
+        "gst-roboflow-video".to_owned(),
+        "video".to_owned(),
+        RtpCodecKind::Video,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            active: true,
+            codec: parameters.rtp_codec,
+            ..Default::default()
+        }],
+    )));
+    let sender = peer
+        .add_track(local.clone() as Arc<dyn TrackLocal>)
+        .await
+        .map_err(|err| setup("adding the video track failed", err))?;
+    Ok((LiveTrack { local, ssrc, payload_type: LIVE_PAYLOAD_TYPE }, sender))
+}
+
+/// The payload type the answer gave the track's codec.
+async fn negotiated_payload_type(
+    sender: &Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    codec: Option<LiveCodec>,
+) -> Result<u8, SessionError> {
+    let codec = codec.expect("a live session");
+    let parameters = sender.get_parameters().await.map_err(|err| setup("reading the video sender's parameters failed", err))?;
+    parameters
+        .rtp_parameters
+        .codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(codec.mime_type()))
+        .map(|c| c.payload_type)
+        .ok_or_else(|| SessionError::AnswerRefused(format!("the answer does not accept {}", codec.mime_type())))
+}
+
+/// A random 32-bit number (SSRC, RTP origin) without a random-number crate.
+pub fn random_u32() -> u32 {
+    use std::hash::BuildHasher;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let hash = std::collections::hash_map::RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (hash >> 32) as u32
 }
 
 fn setup(what: &str, err: impl std::fmt::Display) -> SessionError {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::config::SessionConfig;
 
 use super::core::{Input, Output, ResultEvent, SessionStats, State};
-use super::driver::{Shared, TrackItem};
+use super::driver::{Shared, TrackItem, TrackOut};
 use super::error::SessionError;
 use super::registry;
 
@@ -107,6 +107,70 @@ impl UploadWriter {
     /// and a complete [`flush`](Self::flush)).
     pub async fn sent(&self) -> Result<(), SessionError> {
         self.shared.wait_state(|state| matches!(state, State::Receiving | State::Complete)).await
+    }
+
+    /// The session is connected (or further on).
+    pub fn is_connected(&self) -> bool {
+        !matches!(self.shared.state(), State::Connecting)
+    }
+
+    /// Resolves with the failure once the session has failed or closed.
+    pub async fn failed(&self) -> SessionError {
+        self.shared.failed().await
+    }
+
+    /// Live video: the track is up; frames follow.
+    pub fn begin_live(&mut self) -> Result<(), SessionError> {
+        self.feed(Input::BeginLive)
+    }
+
+    /// Live video: frames sent whose result has not come back.
+    pub fn frames_in_flight(&self) -> u64 {
+        self.shared.stats().frames_in_flight
+    }
+
+    /// Live video: waits until fewer than `max` frames are in flight.
+    pub async fn wait_in_flight_below(&self, max: u64) -> Result<(), SessionError> {
+        self.shared.wait_in_flight_below(max).await
+    }
+
+    /// Live video: the sink dropped a frame before sending it.
+    pub fn frame_dropped(&mut self) -> Result<(), SessionError> {
+        self.feed(Input::FrameDropped)
+    }
+
+    /// Live video: sends one frame's RTP packets (stamped by the caller's
+    /// RtpPlan), waiting while the track's queue is full. Cancel-safe: a
+    /// cancelled wait sends nothing and records nothing.
+    pub async fn send_frame(
+        &mut self,
+        packets: Vec<Vec<u8>>,
+        rtp_timestamp: u32,
+        pts_ns: Option<u64>,
+        arrived: std::time::Instant,
+    ) -> Result<(), SessionError> {
+        let permit = self.track_permit().await?;
+        self.feed(Input::FrameSent { rtp_timestamp, pts_ns, arrived })?;
+        permit.send(TrackOut::Frame(packets));
+        Ok(())
+    }
+
+    /// Live video: no more frames. The track ends with an RTCP BYE, after
+    /// every frame queued.
+    pub async fn end_track(&mut self) -> Result<(), SessionError> {
+        let permit = self.track_permit().await?;
+        self.feed(Input::TrackEnded)?;
+        permit.send(TrackOut::End);
+        Ok(())
+    }
+
+    async fn track_permit(&self) -> Result<mpsc::OwnedPermit<TrackOut>, SessionError> {
+        let sender = self.shared.track_sender().ok_or_else(|| self.failure())?;
+        tokio::select! {
+            biased;
+            error = self.shared.failed() => Err(error),
+            permit = sender.reserve_owned() => permit.map_err(|_| self.failure()),
+        }
     }
 
     fn feed(&mut self, input: Input<'_>) -> Result<(), SessionError> {

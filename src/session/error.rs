@@ -70,6 +70,9 @@ pub enum SessionError {
     UploadStalled { timeout: Duration, sent: u64, total: u64 },
 
     /// The bytes given to the upload do not match the size it declared.
+    #[error("sending frame {frame} on the video track failed: {detail}")]
+    TrackSendFailed { frame: u64, detail: String },
+
     #[error("{0}")]
     UploadMismatch(String),
 

@@ -24,15 +24,17 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 
 use super::gate::Gate;
+use super::live::{CapsMode, caps_mode, preferred_live_caps};
+use super::live_job::LiveJob;
 use super::spool::Spool;
 use crate::bus::{inference_structure, progress_structure};
 use crate::config::{
-    self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoTransport,
+    self, ApiKeyTransport, SessionConfig, UploadMode, UploadSettings, VideoCodec, VideoTransport,
 };
 use crate::stop::{Stop, waited};
 use crate::session::{self, FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, UploadWriter};
 
-static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
         "roboflowuploadsink",
         gst::DebugColorFlags::empty(),
@@ -73,7 +75,7 @@ struct Progress {
 
 /// The upload in progress. The streaming thread takes it out of `State`
 /// while it works, so that no lock is held while it waits or posts.
-struct Job {
+pub(super) struct Job {
     writer: UploadWriter,
     config: SessionConfig,
     mode: Mode,
@@ -88,6 +90,22 @@ struct Job {
     results: Option<ResultStream>,
 }
 
+/// Settings validated at READY->PAUSED; the session starts once the caps
+/// (or a first buffer without caps) tell a file upload from live video.
+pub(super) struct Pending {
+    name: String,
+    config: SessionConfig,
+    /// A BYTES segment that does not start at 0 arrived before any data.
+    seeking_upstream: bool,
+}
+
+/// The element's work between READY->PAUSED and PAUSED->READY.
+pub(super) enum Slot {
+    Pending(Box<Pending>),
+    File(Box<Job>),
+    Live(Box<LiveJob>),
+}
+
 /// How the job ended, as far as the streaming thread is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -100,7 +118,7 @@ enum End {
 enum State {
     Stopped,
     /// `job` is None while the streaming thread holds it.
-    Started { job: Option<Box<Job>>, end: Option<End> },
+    Started { job: Option<Slot>, end: Option<End> },
 }
 
 pub struct UploadSink {
@@ -108,10 +126,10 @@ pub struct UploadSink {
     settings: Mutex<UploadSettings>,
     state: Mutex<State>,
     /// Kept apart from `state` so that `stats` never waits for the streaming thread.
-    session: Mutex<Option<SessionProbe>>,
-    gate: Gate,
-    /// "undecided", "streamed" or "spooled", for `stats`.
-    upload_mode: Mutex<&'static str>,
+    pub(super) session: Mutex<Option<SessionProbe>>,
+    pub(super) gate: Gate,
+    /// "undecided", "streamed", "spooled" or "live", for `stats`.
+    pub(super) upload_mode: Mutex<&'static str>,
 }
 
 #[glib::object_subclass]
@@ -265,9 +283,22 @@ impl ObjectImpl for UploadSink {
                     .mutable_ready()
                     .build(),
                 string_property("session", "Session", "Name under which roboflowresultsrc finds this session (empty: a unique name)", None),
+                glib::ParamSpecEnum::builder_with_default("video-codec", VideoCodec::Vp8)
+                    .nick("Video codec")
+                    .blurb("Live video: the codec raw video (video/x-raw) is encoded to for the server. VP8 and constrained-baseline H.264 arrive as they are")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-frames-in-flight")
+                    .nick("Max frames in flight")
+                    .blurb("Live video: most frames sent whose result has not come back. When full: with realtime-processing=false the sink blocks upstream (every frame is processed), with true it drops the frame before encoding it (counted in stats)")
+                    .minimum(1)
+                    .maximum(config::MAX_MAX_FRAMES_IN_FLIGHT)
+                    .default_value(config::DEFAULT_MAX_FRAMES_IN_FLIGHT)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Bytes and chunks sent, keepalives sent and echoed, last echo RTT, frames received, phase")
+                    .blurb("Bytes and chunks sent, keepalives sent and echoed, last echo RTT, frames received, phase, upload-mode (undecided, streamed, spooled, live); live video: frames-sent, frames-dropped, frames-skipped, frames-in-flight, results-unpaired")
                     .read_only()
                     .build(),
             ]
@@ -324,6 +355,8 @@ impl ObjectImpl for UploadSink {
             "max-result-size" => settings.max_result_size = value.get().expect("type checked upstream"),
             "upload-mode" => settings.upload_mode = value.get().expect("type checked upstream"),
             "session" => settings.session = text(),
+            "video-codec" => settings.video_codec = value.get().expect("type checked upstream"),
+            "max-frames-in-flight" => settings.max_frames_in_flight = value.get().expect("type checked upstream"),
             name => unreachable!("unknown property {name}"),
         }
     }
@@ -366,6 +399,8 @@ impl ObjectImpl for UploadSink {
             "max-result-size" => settings.max_result_size.to_value(),
             "upload-mode" => settings.upload_mode.to_value(),
             "session" => settings.session.to_value(),
+            "video-codec" => settings.video_codec.to_value(),
+            "max-frames-in-flight" => settings.max_frames_in_flight.to_value(),
             name => unreachable!("unknown readable property {name}"),
         }
     }
@@ -379,7 +414,7 @@ impl ElementImpl for UploadSink {
             gst::subclass::ElementMetadata::new(
                 "Roboflow upload sink",
                 "Sink/Network",
-                "Uploads a muxed video to a Roboflow Inference Server over WebRTC and reports every frame's Workflow result",
+                "Sends video to a Roboflow Inference Server over WebRTC and reports every frame's Workflow result: a muxed file's bytes (any caps but elementary video) are uploaded on a data channel; raw video (encoded to video-codec), VP8 or constrained-baseline H.264 goes as a live WebRTC video track",
                 "gst-roboflow developers",
             )
         });
@@ -462,27 +497,45 @@ impl UploadSink {
             .clone()
             .filter(|name| !name.trim().is_empty())
             .unwrap_or_else(|| session::default_name(&self.obj().name()));
-        gst::info!(CAT, imp = self, "starting session '{name}' with {}", config.api_url);
-        let (writer, results) = session::start(name, config.clone())
-            .map_err(|error| gst::error_msg!(gst::LibraryError::Settings, ("{}", error)))?;
+        *self.session.lock().unwrap() = None;
+        *self.upload_mode.lock().unwrap() = "undecided";
+        *self.state.lock().unwrap() = State::Started {
+            job: Some(Slot::Pending(Box::new(Pending { name, config, seeking_upstream: false }))),
+            end: None,
+        };
+        Ok(())
+    }
+
+    /// Starts the session in the mode the caps decided; it connects in the
+    /// background while upstream goes on.
+    fn start_session(&self, pending: &Pending, mode: CapsMode, caps: Option<&gst::Caps>) -> Result<Slot, Stop> {
+        if mode.is_live() {
+            let caps = caps.expect("live video has caps");
+            return Ok(Slot::Live(Box::new(LiveJob::start(self, &pending.name, pending.config.clone(), mode, caps)?)));
+        }
+        let config = pending.config.clone();
+        gst::info!(CAT, imp = self, "starting session '{}' with {}: a file upload", pending.name, config.api_url);
+        let (writer, results) = self.start_named(&pending.name, config.clone())?;
+        Ok(Slot::File(Box::new(Job {
+            writer,
+            config,
+            mode: Mode::Undecided,
+            seeking_upstream: pending.seeking_upstream,
+            progress: Progress::default(),
+            uploaded: false,
+            results,
+        })))
+    }
+
+    /// `session::start`, and the session's probe for `stats`.
+    pub(super) fn start_named(&self, name: &str, config: SessionConfig) -> Result<(UploadWriter, Option<ResultStream>), Stop> {
+        let (writer, results) = session::start(name.to_owned(), config)
+            .map_err(|error| Stop::Error(gst::error_msg!(gst::LibraryError::Settings, ("{}", error))))?;
         if results.is_none() {
             gst::info!(CAT, imp = self, "a roboflowresultsrc reads the results of session '{}'", writer.name());
         }
         *self.session.lock().unwrap() = Some(writer.probe());
-        *self.upload_mode.lock().unwrap() = "undecided";
-        *self.state.lock().unwrap() = State::Started {
-            job: Some(Box::new(Job {
-                writer,
-                config,
-                mode: Mode::Undecided,
-                seeking_upstream: false,
-                progress: Progress::default(),
-                uploaded: false,
-                results,
-            })),
-            end: None,
-        };
-        Ok(())
+        Ok((writer, results))
     }
 
     /// PAUSED->READY, after the streaming thread returned: lets go of the
@@ -512,6 +565,20 @@ impl UploadSink {
         if Self::answer_latency(query) {
             return true;
         }
+        if let gst::QueryViewMut::Caps(caps) = query.view_mut() {
+            // Anything goes (a file's bytes), but an encoder asking what
+            // video it may send is told what the server takes.
+            let result = match caps.filter_owned() {
+                Some(filter) if !filter.is_any() && filter.iter().all(|s| s.name().starts_with("video/x-")) => {
+                    let live = filter.intersect_with_mode(&preferred_live_caps(), gst::CapsIntersectMode::First);
+                    if live.is_empty() { filter } else { live }
+                }
+                Some(filter) => filter,
+                None => gst::Caps::new_any(),
+            };
+            caps.set_result(&result);
+            return true;
+        }
         gst::Pad::query_default(pad, Some(&*self.obj()), query)
     }
 
@@ -533,6 +600,14 @@ impl UploadSink {
                 }
             },
             gst::EventView::Eos(eos) => self.on_eos(eos.seqnum()),
+            gst::EventView::Caps(caps) => match self.on_caps(caps.caps_owned()) {
+                Ok(()) => true,
+                Err(Stop::Error(message)) => {
+                    self.fail(message);
+                    false
+                }
+                Err(_) => false,
+            },
             // Messages a sink posts, as GstBaseSink does: a bin posts
             // STREAM_START once every sink of it did.
             gst::EventView::StreamStart(stream_start) => {
@@ -574,7 +649,7 @@ impl UploadSink {
 
     /// Posts `message` as the job's one ERROR; any later failure of the same
     /// job is a consequence of the first and is not reported.
-    fn fail(&self, message: gst::ErrorMessage) {
+    pub(super) fn fail(&self, message: gst::ErrorMessage) {
         let first = match &mut *self.state.lock().unwrap() {
             State::Started { end: end @ None, .. } => {
                 *end = Some(End::Failed);
@@ -591,14 +666,10 @@ impl UploadSink {
 
     fn chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
         self.accepting()?;
-        let map = buffer.map_readable().map_err(|_| {
-            self.fail(gst::error_msg!(gst::ResourceError::Read, ("Failed to map the buffer")));
-            gst::FlowError::Error
-        })?;
         let outcome = match self.take_job() {
-            Some(mut job) => {
-                let outcome = self.render_job(&mut job, &map, buffer.offset());
-                self.give_back(job);
+            Some(slot) => {
+                let (slot, outcome) = self.chain_slot(slot, buffer);
+                self.give_back(slot);
                 outcome
             }
             None => Err(Stop::Flushing),
@@ -617,6 +688,51 @@ impl UploadSink {
                 Err(gst::FlowError::Error)
             }
         }
+    }
+
+    fn chain_slot(&self, slot: Slot, buffer: gst::Buffer) -> (Slot, Result<(), Stop>) {
+        let mut slot = match slot {
+            // Bytes without caps: a file's.
+            Slot::Pending(pending) => match self.start_session(&pending, CapsMode::File, None) {
+                Ok(slot) => slot,
+                Err(stop) => return (Slot::Pending(pending), Err(stop)),
+            },
+            slot => slot,
+        };
+        let outcome = match &mut slot {
+            Slot::File(job) => match buffer.map_readable() {
+                Ok(map) => self.render_job(job, &map, buffer.offset()),
+                Err(_) => Err(Stop::Error(gst::error_msg!(gst::ResourceError::Read, ("Failed to map the buffer")))),
+            },
+            Slot::Live(job) => job.chain(self, buffer),
+            Slot::Pending(_) => unreachable!("started above"),
+        };
+        (slot, outcome)
+    }
+
+    /// New caps: the first ones decide the mode and start the session.
+    fn on_caps(&self, caps: gst::Caps) -> Result<(), Stop> {
+        let mode = caps_mode(&caps).map_err(|message| Stop::Error(gst::error_msg!(gst::StreamError::Format, ("{}", message))))?;
+        let Some(slot) = self.take_job() else {
+            return Err(Stop::Flushing);
+        };
+        let (slot, outcome) = match slot {
+            Slot::Pending(pending) => match self.start_session(&pending, mode, Some(&caps)) {
+                Ok(slot) => (slot, Ok(())),
+                Err(stop) => (Slot::Pending(pending), Err(stop)),
+            },
+            Slot::File(job) if !mode.is_live() => (Slot::File(job), Ok(())),
+            Slot::File(job) => (
+                Slot::File(job),
+                Err(Stop::failed(format!("the caps changed mid-stream from a file's bytes to video ({caps}): one job is either a file upload or live video"))),
+            ),
+            Slot::Live(mut job) => {
+                let outcome = job.set_caps(mode, &caps);
+                (Slot::Live(job), outcome)
+            }
+        };
+        self.give_back(slot);
+        outcome
     }
 
     /// Completes the job and posts the EOS message, once.
@@ -654,16 +770,30 @@ impl UploadSink {
     }
 
     fn stats(&self) -> gst::Structure {
+        let mode = *self.upload_mode.lock().unwrap();
         match self.session.lock().unwrap().as_ref() {
             Some(session) => {
-                let mode = *self.upload_mode.lock().unwrap();
-                session::stats_structure(&session.stats(), |s| s.set("upload-mode", mode))
+                let stats = session.stats();
+                session::stats_structure(&stats, |s| {
+                    s.set("upload-mode", mode);
+                    if mode == "live" {
+                        s.set("frames-sent", stats.frames_sent);
+                        s.set("frames-dropped", stats.frames_dropped);
+                        s.set("frames-skipped", stats.frames_skipped);
+                        s.set("frames-in-flight", stats.frames_in_flight);
+                        s.set("results-unpaired", stats.results_unpaired);
+                    }
+                })
             }
-            None => gst::Structure::builder("roboflow-stats").field("phase", "stopped").build(),
+            None => {
+                let started = matches!(*self.state.lock().unwrap(), State::Started { .. });
+                let phase = if started { "waiting-for-data" } else { "stopped" };
+                gst::Structure::builder("roboflow-stats").field("phase", phase).build()
+            }
         }
     }
 
-    fn take_job(&self) -> Option<Box<Job>> {
+    fn take_job(&self) -> Option<Slot> {
         match &mut *self.state.lock().unwrap() {
             State::Started { job, .. } => job.take(),
             State::Stopped => None,
@@ -672,13 +802,13 @@ impl UploadSink {
 
     /// Returns the job to the state, unless the element stopped meanwhile
     /// (then the job, and any spool file, is dropped here).
-    fn give_back(&self, job: Box<Job>) {
+    fn give_back(&self, job: Slot) {
         if let State::Started { job: slot, .. } = &mut *self.state.lock().unwrap() {
             *slot = Some(job);
         }
     }
 
-    fn post_warnings(&self) {
+    pub(super) fn post_warnings(&self) {
         let session = self.session.lock().unwrap().clone();
         for warning in session.map(|s| s.take_warnings()).unwrap_or_default() {
             gst::element_imp_warning!(self, gst::ResourceError::Write, ("{}", warning));
@@ -688,7 +818,7 @@ impl UploadSink {
     /// Every wait of the streaming thread on the server: on the plugin
     /// runtime, ended by a flush or a stop. It holds no lock but the pad's
     /// stream lock.
-    fn wait<T: Send, F: Future<Output = Result<T, SessionError>> + Send>(
+    pub(super) fn wait<T: Send, F: Future<Output = Result<T, SessionError>> + Send>(
         &self,
         timeout: Option<Duration>,
         timed_out: impl FnOnce() -> SessionError,
@@ -697,7 +827,7 @@ impl UploadSink {
         Ok(waited(self.gate.run(timeout, future), timed_out)??)
     }
 
-    fn wait_connected(&self, writer: &UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
+    pub(super) fn wait_connected(&self, writer: &UploadWriter, config: &SessionConfig) -> Result<(), Stop> {
         // The session enforces connect-timeout and names the step that was
         // late; this bound only guards against a session that never reports.
         let limit = config.connect_timeout + CONNECT_GRACE;
@@ -714,8 +844,18 @@ impl UploadSink {
         };
         let start = segment.start().map(u64::from).unwrap_or(0);
         let mut state = self.state.lock().unwrap();
-        let State::Started { job: Some(job), end: None } = &mut *state else {
+        let State::Started { job: Some(slot), end: None } = &mut *state else {
             return Ok(());
+        };
+        let job = match slot {
+            Slot::Pending(pending) => {
+                if start != 0 {
+                    pending.seeking_upstream = true;
+                }
+                return Ok(());
+            }
+            Slot::Live(_) => return Ok(()),
+            Slot::File(job) => job,
         };
         let Job { mode, seeking_upstream, .. } = &mut **job;
         match mode {
@@ -868,8 +1008,19 @@ impl UploadSink {
     /// At EOS: completes the upload, then reads every result unless a
     /// roboflowresultsrc does; returns once the EOS message may be posted.
     fn finish_job(&self) -> Result<(), Stop> {
-        let Some(mut job) = self.take_job() else {
-            return Err(Stop::Flushing);
+        let mut job = match self.take_job() {
+            None => return Err(Stop::Flushing),
+            Some(Slot::File(job)) => job,
+            Some(Slot::Live(mut job)) => {
+                let outcome = job.finish(self);
+                self.post_warnings();
+                self.give_back(Slot::Live(job));
+                return outcome;
+            }
+            Some(pending @ Slot::Pending(_)) => {
+                self.give_back(pending);
+                return Err(Stop::Error(gst::error_msg!(gst::StreamError::Failed, ("{}", EMPTY_INPUT))));
+            }
         };
         let outcome = if job.uploaded { Ok(()) } else { self.finish_upload(&mut job) };
         self.post_warnings();
@@ -877,7 +1028,7 @@ impl UploadSink {
             .and_then(|()| self.collect_results(&mut job))
             // EOS in PAUSED waits for PLAYING, as any sink's does.
             .and_then(|()| Ok(self.gate.wait_playing()?));
-        self.give_back(job);
+        self.give_back(Slot::File(job));
         outcome
     }
 
@@ -965,7 +1116,7 @@ impl UploadSink {
         }
     }
 
-    fn post_inference(&self, frame: &FrameEvent) {
+    pub(super) fn post_inference(&self, frame: &FrameEvent) {
         let structure = inference_structure(frame);
         let _ = self
             .obj()

@@ -3,6 +3,8 @@ use gst::prelude::*;
 
 mod gate;
 mod imp;
+mod live;
+mod live_job;
 mod spool;
 
 glib::wrapper! {
