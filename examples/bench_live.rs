@@ -22,17 +22,21 @@
 //! caps=video/x-raw,format=RGB|I420,... ! roboflowuploadsink` with
 //! `api-url`, `workflow-spec-file`, `data-output`, `realtime-processing`
 //! and, when given, `max-frames-in-flight` and any `--set` properties.
-//! Frame i gets PTS = i x (1 s / fps), duration 1 s / fps, and is pushed at
-//! t0 + i / fps (a camera's pace); the instant is taken just before
-//! `push_buffer`. After the last frame: `end_of_stream()` on the appsrc.
+//! Slot k (a frame every 1/fps, like a camera) is pushed at t0 + k / fps
+//! with PTS = k x (1 s / fps), duration 1 s / fps; the instant is taken
+//! just before `push_buffer`. After the last frame: `end_of_stream()`.
 //!
-//! When pushing starts (`--start-after`):
-//! - `connected` (default): after PLAYING, poll the sink's `stats` property
-//!   until its `phase` has left "stopped"/"connecting" (the session is up),
-//!   as the SDK side starts once its session is connected. If the phase
-//!   stays "stopped" for 2 s (the sink connects only on its first buffer),
-//!   or after 90 s, pushing starts anyway (`start` in the JSON says which).
-//! - `playing`: right after `set_state(Playing)`.
+//! When the measured frames start (`--start-after`):
+//! - `connected` (default): the sink starts its session on its first
+//!   buffer and, with realtime-processing=true, drops frames until the
+//!   session is up (false: the first buffer blocks). So the camera runs
+//!   from PLAYING with warm-up frames (colour code 342, white; at most one
+//!   waiting in the appsrc) until the sink's `stats` count `frames-sent` >= 1;
+//!   measured frame 0 takes the next slot. This matches the SDK side, which
+//!   hands frame 0 over once its session is connected. PTS stay continuous
+//!   (slot x 1/fps), so a result's frame is round(pts x fps) - first_slot.
+//! - `playing`: measured frames from the first slot (frames the sink drops
+//!   while it connects count as lost).
 //!
 //! Results: every `roboflow-inference` element message, stamped in a bus
 //! sync handler (the posting thread) with `Instant::now()`. Fields read:
@@ -163,14 +167,38 @@ fn parse_options() -> Options {
     if o.workflow_spec_file.is_empty() || !known_format || !known_start || o.fps == 0 {
         usage();
     }
-    if o.frames == 0 || o.frames > 343 {
-        eprintln!("bench_live: --frames must be 1..=343 (the colour code)");
+    if o.frames == 0 || o.frames > WARMUP {
+        eprintln!("bench_live: --frames must be 1..=342 (the colour code; 342 marks warm-up frames)");
         std::process::exit(2);
     }
     if o.format == "I420" && (o.width % 2 != 0 || o.height % 2 != 0) {
         usage();
     }
     o
+}
+
+/// The colour code of warm-up frames (not a measured frame: frames are
+/// at most 343 - 1).
+const WARMUP: usize = 342;
+
+#[derive(Default)]
+struct Warmup {
+    /// The slot of measured frame 0 (its PTS is slot / fps).
+    first_slot: Option<u64>,
+    /// Warm-up frames pushed.
+    pushed: u64,
+    /// Seconds from the first slot to the sink's first frame sent.
+    ready_after: Option<f64>,
+}
+
+/// The sink's `stats` field `frames-sent` (0 while absent).
+fn frames_sent(sink: &gst::Element) -> u64 {
+    let Some(stats) = sink.property::<Option<gst::Structure>>("stats") else { return 0 };
+    stats
+        .get::<u64>("frames-sent")
+        .or_else(|_| stats.get::<u32>("frames-sent").map(u64::from))
+        .or_else(|_| stats.get::<i64>("frames-sent").map(|v| v.max(0) as u64))
+        .unwrap_or(0)
 }
 
 /// One `roboflow-inference` message as received.
@@ -181,6 +209,7 @@ struct Received {
     latency: Option<gst::ClockTime>,
     rgb: Option<[f64; 3]>,
     errors: Option<String>,
+    skipped: Option<u64>,
 }
 
 #[derive(Default)]
@@ -391,6 +420,10 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
                                 latency: s.get::<Option<gst::ClockTime>>("latency").ok().flatten(),
                                 rgb,
                                 errors: s.get::<&str>("errors").ok().map(str::to_owned),
+                                skipped: s
+                                    .get::<u64>("frames-skipped")
+                                    .ok()
+                                    .or_else(|| s.get::<u32>("frames-skipped").ok().map(u64::from)),
                             });
                             shared.last_result = Some(arrival);
                         } else {
@@ -413,78 +446,88 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         .map_err(|_| "the pipeline does not start (set_state(Playing) failed)".to_owned())?;
     let playing_time = started.elapsed().as_secs_f64();
 
-    // When to start pushing: see the module doc.
-    let phase = || -> String {
-        sink.property::<Option<gst::Structure>>("stats")
-            .and_then(|s| s.get::<String>("phase").ok())
-            .unwrap_or_else(|| "?".into())
-    };
-    let mut start = "playing".to_owned();
-    let mut phases_seen: Vec<String> = Vec::new();
-    let mut early_error = None;
-    if o.start_after == "connected" {
-        let wait_started = Instant::now();
-        start = loop {
-            let p = phase();
-            if phases_seen.last() != Some(&p) {
-                phases_seen.push(p.clone());
-            }
-            if p != "stopped" && p != "connecting" && p != "?" {
-                break format!("phase {p}");
-            }
-            if p == "stopped" && wait_started.elapsed() > Duration::from_secs(2) {
-                break "phase stayed 'stopped' for 2 s: pushing (the sink connects on its first buffer?)".to_owned();
-            }
-            if wait_started.elapsed() > Duration::from_secs(90) {
-                break format!("phase still '{p}' after 90 s: pushing anyway");
-            }
-            if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-                if let gst::MessageView::Error(err) = msg.view() {
-                    early_error = Some(format!("{} ({})", err.error(), err.debug().unwrap_or_default()));
-                }
-                break "error before pushing".to_owned();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-    }
-    let push_start_time = started.elapsed().as_secs_f64();
-
-    // The camera: one frame every 1/fps, on its own thread.
+    // The camera: one frame slot every 1/fps from PLAYING, on its own
+    // thread. With --start-after connected the first slots carry warm-up
+    // frames (colour code WARMUP, not a measured frame) until the sink's
+    // stats count a frame sent; the measured frames fill the next slots.
     let frame_ns = 1_000_000_000u64 / o.fps as u64;
     let pushed_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; o.frames]));
     let push_done = Arc::new(AtomicBool::new(false));
     let push_errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
-    let pusher = if early_error.is_none() {
-        let (appsrc, pushed_at, push_done, push_errors) =
-            (appsrc.clone(), pushed_at.clone(), push_done.clone(), push_errors.clone());
+    let warmup = Arc::new(Mutex::new(Warmup::default()));
+    let pusher = {
+        let (appsrc, sink, pushed_at, push_done, push_errors, warmup) = (
+            appsrc.clone(),
+            sink.clone(),
+            pushed_at.clone(),
+            push_done.clone(),
+            push_errors.clone(),
+            warmup.clone(),
+        );
         let frames: Vec<Vec<u8>> = (0..o.frames).map(|i| make_frame(o, i)).collect();
-        Some(std::thread::spawn(move || {
+        let warm_frame = make_frame(o, WARMUP);
+        let wait_for_session = o.start_after == "connected";
+        std::thread::spawn(move || {
             let t0 = Instant::now();
-            for (i, data) in frames.into_iter().enumerate() {
-                let target = t0 + Duration::from_nanos(i as u64 * frame_ns);
+            let mut first: Option<u64> = if wait_for_session { None } else { Some(0) };
+            warmup.lock().unwrap().first_slot = first;
+            let mut frames = frames.into_iter();
+            let mut slot = 0u64;
+            loop {
+                let target = t0 + Duration::from_nanos(slot * frame_ns);
                 let now = Instant::now();
                 if target > now {
                     std::thread::sleep(target - now);
                 }
+                if first.is_none() {
+                    if frames_sent(&sink) >= 1 {
+                        first = Some(slot);
+                        let mut w = warmup.lock().unwrap();
+                        w.first_slot = first;
+                        w.ready_after = Some(t0.elapsed().as_secs_f64());
+                    } else if t0.elapsed() > Duration::from_secs(90) {
+                        push_errors.lock().unwrap().push("no frame sent after 90 s of warm-up frames".into());
+                        break;
+                    }
+                }
+                let (data, index) = match first {
+                    Some(f) => match frames.next() {
+                        Some(data) => (data, Some((slot - f) as usize)),
+                        None => break,
+                    },
+                    None => {
+                        // Like a camera's leaky queue: warm-up frames do not
+                        // pile up in the appsrc while the sink blocks.
+                        if appsrc.current_level_buffers() >= 1 {
+                            slot += 1;
+                            continue;
+                        }
+                        (warm_frame.clone(), None)
+                    }
+                };
                 let mut buffer = gst::Buffer::from_mut_slice(data);
                 {
                     let b = buffer.get_mut().unwrap();
-                    b.set_pts(gst::ClockTime::from_nseconds(i as u64 * frame_ns));
+                    b.set_pts(gst::ClockTime::from_nseconds(slot * frame_ns));
                     b.set_duration(gst::ClockTime::from_nseconds(frame_ns));
                 }
-                pushed_at.lock().unwrap()[i] = Some(Instant::now());
+                let at = Instant::now();
+                match index {
+                    Some(i) => pushed_at.lock().unwrap()[i] = Some(at),
+                    None => warmup.lock().unwrap().pushed += 1,
+                }
                 if let Err(flow) = appsrc.push_buffer(buffer) {
-                    push_errors.lock().unwrap().push(format!("frame {i}: {flow:?}"));
+                    push_errors.lock().unwrap().push(format!("slot {slot}: {flow:?}"));
                     break;
                 }
+                slot += 1;
             }
             let _ = appsrc.end_of_stream();
             push_done.store(true, Ordering::SeqCst);
-        }))
-    } else {
-        push_done.store(true, Ordering::SeqCst);
-        None
+        })
     };
+    let pusher = Some(pusher);
+    let early_error: Option<String> = None;
 
     let mut error = early_error;
     let mut ended = if error.is_some() { "error".to_owned() } else { String::new() };
@@ -541,51 +584,63 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
     let sent = pushed_at.iter().filter(|t| t.is_some()).count();
     let ms = |a: Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1000.0
         - b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+    let warmup = warmup.lock().unwrap();
+    let first_slot = warmup.first_slot.unwrap_or(0) as i64;
     let mut latencies = Vec::new();
     let mut latencies_by_pts = Vec::new();
     let mut plugin_latencies = Vec::new();
     let (mut pairing_errors, mut no_pts, mut undecodable, mut with_errors) = (0, 0, 0, 0);
+    let (mut measured, mut warmup_results, mut skipped_max) = (0, 0, 0u64);
     let mut max_distance: f64 = 0.0;
     let mut near_boundary = 0;
     let mut indexes = std::collections::BTreeSet::new();
     let mut rows = Vec::new();
     for r in &shared.received {
-        let by_pts = r
-            .pts
-            .map(|pts| (pts.nseconds() as f64 / frame_ns as f64).round() as usize);
+        // The result's pts names a slot; slots before first_slot are warm-up.
+        let slot = r.pts.map(|pts| (pts.nseconds() as f64 / frame_ns as f64).round() as i64);
+        let by_pts = slot.and_then(|s| usize::try_from(s - first_slot).ok()).filter(|i| *i < sent);
+        let pts_says_warmup = slot.is_some_and(|s| s < first_slot);
         let decoded = r.rgb.map(index_of);
-        let true_index = decoded.and_then(|(i, d)| {
+        if let Some((_, d)) = decoded {
             max_distance = max_distance.max(d);
             if d >= 15.0 {
                 near_boundary += 1;
             }
-            (i < sent).then_some(i)
-        });
+        }
+        let colour_index = decoded.map(|(i, _)| i);
+        let colour_says_warmup = colour_index.is_some_and(|i| i >= o.frames);
+        let true_index = colour_index.filter(|i| *i < sent);
         if let Some(l) = r.latency {
             plugin_latencies.push(l.nseconds() as f64 / 1e6);
         }
+        skipped_max = skipped_max.max(r.skipped.unwrap_or(0));
         if r.errors.as_deref().is_some_and(|e| e != "[]" && !e.is_empty()) {
             with_errors += 1;
         }
-        match true_index {
-            Some(i) => {
-                indexes.insert(i);
-                if let Some(at) = pushed_at[i] {
-                    latencies.push(ms(r.arrival, at));
-                }
-                if by_pts != Some(i) {
-                    pairing_errors += 1;
-                }
+        if colour_says_warmup {
+            warmup_results += 1;
+            if !pts_says_warmup {
+                pairing_errors += 1; // a warm-up frame's result given a measured frame's pts
             }
-            None => undecodable += 1,
-        }
-        match by_pts {
-            Some(p) if p < sent => {
-                if let Some(at) = pushed_at[p] {
-                    latencies_by_pts.push(ms(r.arrival, at));
-                }
+        } else if let Some(i) = true_index {
+            measured += 1;
+            indexes.insert(i);
+            if let Some(at) = pushed_at[i] {
+                latencies.push(ms(r.arrival, at));
             }
-            _ => no_pts += 1,
+            if by_pts != Some(i) {
+                pairing_errors += 1;
+            }
+            match by_pts {
+                Some(p) => {
+                    if let Some(at) = pushed_at[p] {
+                        latencies_by_pts.push(ms(r.arrival, at));
+                    }
+                }
+                None => no_pts += 1,
+            }
+        } else {
+            undecodable += 1;
         }
         rows.push(serde_json::json!({
             "arrival": r.arrival.saturating_duration_since(started).as_secs_f64(),
@@ -594,7 +649,10 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
             "latency_ms": r.latency.map(|l| l.nseconds() as f64 / 1e6),
             "rgb": r.rgb,
             "index": true_index,
+            "colour_index": colour_index,
+            "slot": slot,
             "by_pts": by_pts,
+            "frames_skipped": r.skipped,
             "errors": r.errors,
         }));
     }
@@ -615,14 +673,18 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         "max_frames_in_flight": o.max_frames_in_flight,
         "sets": o.sets.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "start_after": o.start_after,
-        "start": start,
-        "phases_before_push": phases_seen,
+        "first_slot": warmup.first_slot,
+        "warmup_frames_pushed": warmup.pushed,
+        "warmup_results": warmup_results,
+        "session_ready_after": warmup.ready_after,
+        "frames_skipped_max": skipped_max,
         "frames_sent": sent,
-        "results": shared.received.len(),
+        "results": measured,
+        "messages": shared.received.len(),
         "distinct_frames": indexes.len(),
         "pairing_errors": pairing_errors,
-        "pairing": "round(pts * fps)",
-        "results_without_usable_pts": no_pts,
+        "pairing": "round(pts * fps) - first_slot",
+        "measured_results_without_usable_pts": no_pts,
         "undecodable_results": undecodable,
         "max_colour_distance": max_distance,
         "results_colour_distance_ge_15": near_boundary,
@@ -636,7 +698,6 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         "plugin_latency_ms_p95": percentile(&plugin_latencies, 95.0),
         "plugin_latency_count": plugin_latencies.len(),
         "playing_time": playing_time,
-        "push_start_time": push_start_time,
         "end_time": end_time,
         "total_time": total_time,
         "ended": ended,
