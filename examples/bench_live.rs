@@ -407,7 +407,7 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
                 gst::MessageView::Element(element) => {
                     if let Some(s) = element.structure() {
                         let mut shared = shared.lock().unwrap();
-                        if s.name() == "roboflow-inference" {
+                        if s.name().as_str() == "roboflow-inference" {
                             let rgb = s
                                 .get::<&str>("json")
                                 .ok()
