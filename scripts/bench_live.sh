@@ -227,11 +227,13 @@ rows = [
     ("client CPU (user+sys, GNU time), s", "cpu", 2),
     ("client peak RSS (GNU time), MiB", "rss", 0),
     ("  in-process CPU (getrusage), s", "cpu_seconds_self", 2),
+    ("  of which after the session was ready (300 frames + end), s", "cpu_seconds_measured_stream", 2),
+    ("session ready after (start -> first frame can go), s", "session_ready_after", 1),
     ("  in-process peak RSS (VmHWM), MiB", "rss_self", 0),
     ("max colour distance to its code point (decodes up to 20)", "max_colour_distance", 0),
     ("results with colour distance >= 15", "results_colour_distance_ge_15", 0),
 ]
-ratio_rows = {"results", "distinct_frames", "latency_ms_p50", "latency_ms_p95", "cpu", "rss"}
+ratio_rows = {"results", "distinct_frames", "latency_ms_p50", "latency_ms_p95", "cpu", "rss", "cpu_seconds_measured_stream"}
 out = {"tree": os.environ.get("BENCH_TREE"), "runs": int(runs), "frames": int(frames),
        "load_start": load_start, "load_end": load_end, "modes": {}, "jobs": jobs}
 print(f"gst-roboflow live benchmark: roboflowuploadsink live mode (ours) vs inference_sdk 1.8.3 ManualSource (SDK)")

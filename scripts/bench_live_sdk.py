@@ -153,7 +153,7 @@ def main() -> int:
             last_result[0] = now
 
     error = None
-    setup_time = connect_time = None
+    setup_time = connect_time = cpu_at_ready = None
     sent = 0
     try:
         session._ensure_started()  # what run()/video()/wait() call first
@@ -165,6 +165,8 @@ def main() -> int:
                     raise RuntimeError("the peer connection did not connect within 60 s")
                 time.sleep(0.005)
         connect_time = time.monotonic() - started
+        ready_usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_at_ready = ready_usage.ru_utime + ready_usage.ru_stime
         period = 1.0 / args.fps
         t0 = time.monotonic()
         for i in range(args.frames):
@@ -262,6 +264,9 @@ def main() -> int:
         "connect_time": connect_time,
         "total_time": total_time,
         "cpu_seconds_self": usage.ru_utime + usage.ru_stime,
+        "cpu_seconds_at_ready": cpu_at_ready,
+        "cpu_seconds_measured_stream": (usage.ru_utime + usage.ru_stime - cpu_at_ready) if cpu_at_ready is not None else None,
+        "session_ready_after": connect_time,
         "peak_rss_kib_self": status.get("VmHWM"),
         "error": error,
     }
