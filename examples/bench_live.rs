@@ -313,6 +313,24 @@ fn cpu_seconds() -> Option<f64> {
     })
 }
 
+/// CPU seconds of this process's live threads, by thread name
+/// (/proc/self/task/*/stat, 100 ticks a second); threads that ended are
+/// only in the process total.
+fn cpu_by_thread() -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return by_name };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        // After "pid (comm) ": state is field 3, utime 14, stime 15.
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *by_name.entry(name).or_insert(0.0) += (ticks(14) + ticks(15)) / 100.0;
+    }
+    by_name
+}
+
 fn vm_hwm_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -566,6 +584,7 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         }
     }
     let end_time = started.elapsed().as_secs_f64();
+    let threads_cpu = cpu_by_thread();
     let stats = sink
         .property::<Option<gst::Structure>>("stats")
         .map(|s| structure_json(&s))
@@ -715,6 +734,7 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         "push_errors": push_errors,
         "cpu_seconds_self": cpu,
         "cpu_seconds_at_ready": warmup.cpu_at_ready,
+        "cpu_seconds_by_thread_at_end": threads_cpu,
         "cpu_seconds_measured_stream": cpu.zip(warmup.cpu_at_ready).map(|(end, ready)| end - ready),
         "peak_rss_kib_self": hwm,
         "error": error,
