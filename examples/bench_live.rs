@@ -107,6 +107,9 @@ struct Options {
     idle_timeout: f64,
     start_after: String,
     results_file: Option<String>,
+    /// A bin description put between the appsrc and the sink (diagnostics,
+    /// e.g. encoding with other settings than the sink's own encoder).
+    pre: Option<String>,
 }
 
 fn usage() -> ! {
@@ -114,7 +117,7 @@ fn usage() -> ! {
         "usage: bench_live --workflow-spec-file FILE [--realtime 0|1] [--data-output LIST] \
          [--colour-output NAME] [--frames N] [--fps N] [--width N] [--height N] [--format RGB|I420] \
          [--max-frames-in-flight N] [--set name=value]... [--idle-timeout S] \
-         [--start-after connected|playing] [--results-file PATH] [--api-url URL]"
+         [--start-after connected|playing] [--results-file PATH] [--pre 'BIN DESCRIPTION'] [--api-url URL]"
     );
     std::process::exit(2);
 }
@@ -136,6 +139,7 @@ fn parse_options() -> Options {
         idle_timeout: 5.0,
         start_after: "connected".into(),
         results_file: None,
+        pre: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -156,6 +160,7 @@ fn parse_options() -> Options {
             "--idle-timeout" => o.idle_timeout = number(value()),
             "--start-after" => o.start_after = value(),
             "--results-file" => o.results_file = Some(value()),
+            "--pre" => o.pre = Some(value()),
             "--set" => {
                 let pair = value();
                 let (name, value) = pair.split_once('=').unwrap_or_else(|| usage());
@@ -416,7 +421,15 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
     pipeline
         .add_many([appsrc.upcast_ref::<gst::Element>(), &sink])
         .map_err(|e| e.to_string())?;
-    appsrc.link(&sink).map_err(|e| format!("appsrc ({caps}) does not link to roboflowuploadsink: {e}"))?;
+    if let Some(description) = &o.pre {
+        let bin = gst::parse::bin_from_description(description, true)
+            .map_err(|e| format!("--pre '{description}': {e}"))?;
+        pipeline.add(&bin).map_err(|e| e.to_string())?;
+        gst::Element::link_many([appsrc.upcast_ref::<gst::Element>(), bin.upcast_ref(), &sink])
+            .map_err(|e| format!("appsrc ! {description} ! roboflowuploadsink does not link: {e}"))?;
+    } else {
+        appsrc.link(&sink).map_err(|e| format!("appsrc ({caps}) does not link to roboflowuploadsink: {e}"))?;
+    }
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let colour_key = o.colour_output.clone();
@@ -698,6 +711,7 @@ fn run(o: &Options) -> Result<serde_json::Value, String> {
         "realtime": o.realtime,
         "format": o.format,
         "max_frames_in_flight": o.max_frames_in_flight,
+        "pre": o.pre,
         "sets": o.sets.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "start_after": o.start_after,
         "first_slot": warmup.first_slot,

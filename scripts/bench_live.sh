@@ -18,6 +18,8 @@
 #   BENCH_FORMAT       raw format appsrc pushes to our sink: RGB (default) or I420
 #   BENCH_MAX_IN_FLIGHT  max-frames-in-flight for our sink (unset: its default)
 #   BENCH_OURS_SET     extra "name=value" sink properties for ours, space-separated
+#   BENCH_OURS_PRE    a bin put between our appsrc and the sink (diagnostics),
+#                      e.g. "videoconvert ! vp8enc threads=1 deadline=1 ..."
 #   BENCH_START_AFTER  connected (default): both clients hand over frame 0 once
 #                      their session is up; playing/started: at once
 #   BENCH_SDK_THREADSAFE  1: the SDK side hands frames over on the SDK's event
@@ -124,6 +126,7 @@ run_job() { # client realtime run
              --realtime "$realtime" --frames "$FRAMES" --format "$FORMAT" --start-after "$start"
              --idle-timeout "$IDLE" --results-file "$LOGS/$name.results.json")
         [ -n "${BENCH_MAX_IN_FLIGHT:-}" ] && cmd+=(--max-frames-in-flight "$BENCH_MAX_IN_FLIGHT")
+        [ -n "${BENCH_OURS_PRE:-}" ] && cmd+=(--pre "$BENCH_OURS_PRE")
         local pair
         for pair in ${BENCH_OURS_SET:-}; do cmd+=(--set "$pair"); done
     else
