@@ -408,3 +408,136 @@ fn a_killed_server_worker_is_an_error_within_seconds() {
     assert!(text.contains("its worker process may have died"), "{text}");
     assert!(killed.elapsed() < Duration::from_secs(60), "the error came {:?} after the kill", killed.elapsed());
 }
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_lossless_pairs_every_frame_with_its_own_result() {
+    init();
+    let frames = 90;
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers={frames} ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink workflow-spec-file={} data-output=rgb_color",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let (outcome, stats) = run_with_stats_at_eos(&pipeline, JOB_LIMIT, "sink");
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let indices = common::live::check_pairing(&outcome, &painted);
+    assert_eq!(indices, (0..frames).collect::<Vec<_>>(), "every frame's result, in order");
+    let stats = stats.expect("stats at EOS");
+    assert_eq!(stats.get::<String>("upload-mode").unwrap(), "live", "{stats}");
+    assert_eq!(stats.get::<u64>("frames-sent").unwrap(), frames, "{stats}");
+    assert_eq!(stats.get::<u64>("frames-dropped").unwrap(), 0, "{stats}");
+    assert_eq!(stats.get::<u64>("frames-in-flight").unwrap(), 0, "{stats}");
+    assert_eq!(stats.get::<String>("phase").unwrap(), "complete", "{stats}");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_h264_realtime_drops_are_counted_and_results_stay_paired() {
+    init();
+    // Runs until 60 results came (the server's worker takes its time to
+    // start, and drops while busy), then ends the stream.
+    let wanted = 60;
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers=5400 ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink video-codec=h264 realtime-processing=true workflow-spec-file={} data-output=rgb_color",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let element = sink_of(&pipeline, "sink");
+    let mut results = 0;
+    let mut stats = None;
+    let outcome = run_with(&pipeline, JOB_LIMIT, |pipeline, message| {
+        match message.view() {
+            gst::MessageView::Element(m) if m.structure().is_some_and(|s| s.name() == "roboflow-inference") => {
+                results += 1;
+                if results == wanted {
+                    pipeline.send_event(gst::event::Eos::new());
+                }
+            }
+            gst::MessageView::Eos(_) => stats = Some(element.property::<gst::Structure>("stats")),
+            _ => {}
+        }
+        false
+    });
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let indices = common::live::check_pairing(&outcome, &painted);
+    assert!(indices.len() >= wanted, "only {} results", indices.len());
+    assert!(indices.windows(2).all(|w| w[0] < w[1]), "results in frame order");
+    let stats = stats.expect("stats at EOS");
+    let frames = painted.lock().unwrap().len() as u64;
+    let sent = stats.get::<u64>("frames-sent").unwrap();
+    let dropped = stats.get::<u64>("frames-dropped").unwrap();
+    let skipped = stats.get::<u64>("frames-skipped").unwrap();
+    assert!(dropped > 0, "frames come faster than a realtime window of 2 takes them: {stats}");
+    assert_eq!(sent + dropped, frames, "every frame sent or counted as dropped: {stats}");
+    assert_eq!(indices.len() as u64 + skipped + stats.get::<u64>("frames-in-flight").unwrap(), sent, "{stats}");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_comes_back_through_roboflowresultsrc_as_jpeg() {
+    live_video_comes_back("datachannel");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn live_video_comes_back_through_roboflowresultsrc_as_a_track() {
+    live_video_comes_back("track");
+}
+
+/// Every frame sent comes back, with the PTS of the buffer it came from
+/// and that buffer's colour.
+fn live_video_comes_back(transport: &str) {
+    init();
+    let frames = 60;
+    let session = format!("live-back-{transport}");
+    let pipeline = launch(&format!(
+        "videotestsrc name=src is-live=true num-buffers={frames} ! video/x-raw,format=RGB,width=640,height=480,framerate=30/1 \
+         ! {} name=sink session={session} workflow-spec-file={} data-output=rgb_color stream-output=blurred video-transport={transport} \
+         roboflowresultsrc session={session} name=results ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
+        sink(""),
+        workflow("blur-dominant-color.json").display()
+    ));
+    let painted = common::live::paint_frames(&pipeline.by_name("src").unwrap());
+    let out = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    type Returned = Vec<(Option<u64>, [u8; 3])>;
+    let returned: Arc<Mutex<Returned>> = Arc::default();
+    let record = returned.clone();
+    out.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let map = buffer.map_readable().unwrap();
+                // The centre pixel: the blur leaves a solid frame solid.
+                let caps = sample.caps().unwrap().structure(0).unwrap().to_owned();
+                let (width, height) = (caps.get::<i32>("width").unwrap() as usize, caps.get::<i32>("height").unwrap() as usize);
+                let stride = (width * 3).div_ceil(4) * 4;
+                let at = (height / 2) * stride + (width / 2) * 3;
+                record.lock().unwrap().push((buffer.pts().map(|p| p.nseconds()), [map[at], map[at + 1], map[at + 2]]));
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    let outcome = run(&pipeline, JOB_LIMIT);
+    assert!(outcome.eos, "no EOS: {:?}", outcome.error);
+    let returned = returned.lock().unwrap();
+    assert_eq!(returned.len() as u64, frames, "every frame comes back");
+    let painted = painted.lock().unwrap();
+    if std::env::var("LIVE_DUMP").is_ok() {
+        for (pts, rgb) in returned.iter() {
+            let index = pts.and_then(|pts| painted.get(&pts).copied());
+            eprintln!("{pts:?} frame {index:?} colour {rgb:?} expected {:?}", index.map(common::live::colour));
+        }
+    }
+    for (pts, rgb) in returned.iter() {
+        let pts = pts.expect("a returned frame has a pts");
+        let index = *painted.get(&pts).unwrap_or_else(|| panic!("returned pts {pts} is no sent buffer's"));
+        let nearest = common::live::nearest_neighbour(rgb.map(f64::from), index);
+        assert_eq!(nearest, index, "returned frame at {pts} (frame {index}) has colour {rgb:?}, nearer frame {nearest}'s");
+    }
+}

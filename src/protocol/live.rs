@@ -91,11 +91,13 @@ impl RtpPlan {
         RtpPlan { codec, next_timestamp: origin, next_sequence: first_sequence, frames: 0 }
     }
 
+    #[cfg(test)]
     /// The timestamp the next frame carries (announced by the last boundary).
     pub fn timestamp(&self) -> u32 {
         self.next_timestamp
     }
 
+    #[cfg(test)]
     pub fn frames(&self) -> u64 {
         self.frames
     }
@@ -182,9 +184,8 @@ pub struct LivePairing<T> {
     candidates: Option<Vec<u32>>,
     /// Results waiting for the anchor, with their pts in ticks.
     held: VecDeque<(u32, T)>,
-    /// The newest frame a received result may belong to, under any anchor
-    /// still possible: frames up to it are not counted in flight.
-    newest_answered: Option<u64>,
+    /// The newest frame a result was paired with.
+    newest_paired: Option<u64>,
     frames_sent: u64,
     frames_paired: u64,
     frames_skipped: u64,
@@ -198,7 +199,7 @@ impl<T> Default for LivePairing<T> {
             first_frames: Vec::new(),
             candidates: None,
             held: VecDeque::new(),
-            newest_answered: None,
+            newest_paired: None,
             frames_sent: 0,
             frames_paired: 0,
             frames_skipped: 0,
@@ -223,17 +224,27 @@ impl<T> LivePairing<T> {
     }
 
     /// Frames sent whose result has not come back (nor a later frame's).
+    /// A held result counts for the newest frame it may belong to, so that
+    /// the window never waits on the anchor being found.
     pub fn in_flight(&self) -> u64 {
-        match self.newest_answered {
+        let held = self.held.iter().filter_map(|(pts, _)| {
+            self.candidates.iter().flatten().filter_map(|anchor| self.frame_at(anchor.wrapping_add(*pts))).map(|f| f.index).max()
+        });
+        match held.chain(self.newest_paired).max() {
             Some(newest) => self.frames_sent.saturating_sub(newest + 1),
             None => self.frames_sent,
         }
+    }
+
+    fn frame_at(&self, rtp_timestamp: u32) -> Option<&SentFrame> {
+        self.in_flight.iter().find(|frame| frame.rtp_timestamp == rtp_timestamp)
     }
 
     pub fn frames_sent(&self) -> u64 {
         self.frames_sent
     }
 
+    #[cfg(test)]
     pub fn frames_paired(&self) -> u64 {
         self.frames_paired
     }
@@ -246,11 +257,13 @@ impl<T> LivePairing<T> {
         self.results_unpaired
     }
 
+    #[cfg(test)]
     /// Results wait for the anchor to be known.
     pub fn is_holding(&self) -> bool {
         !self.held.is_empty()
     }
 
+    #[cfg(test)]
     /// The anchor, once only one is possible.
     pub fn anchor(&self) -> Option<u32> {
         match self.candidates.as_deref() {
@@ -268,16 +281,10 @@ impl<T> LivePairing<T> {
             out.push(Paired { result, frame: None, skipped: 0 });
             return out;
         };
-        let candidates = self.candidates.get_or_insert_with(|| self.first_frames.clone());
-        let in_flight = &self.in_flight;
-        let target = |anchor: &u32| in_flight.iter().find(|frame| frame.rtp_timestamp == anchor.wrapping_add(pts));
-        let matching: Vec<u32> = candidates.iter().copied().filter(|anchor| target(anchor).is_some()).collect();
-        if !matching.is_empty() {
-            *candidates = matching;
-        }
-        if let Some(newest) = candidates.iter().filter_map(|anchor| target(anchor)).map(|f| f.index).max() {
-            self.newest_answered = Some(self.newest_answered.map_or(newest, |n| n.max(newest)));
-        }
+        let candidates = self.candidates.clone().unwrap_or_else(|| self.first_frames.clone());
+        let matching: Vec<u32> =
+            candidates.iter().copied().filter(|anchor| self.frame_at(anchor.wrapping_add(pts)).is_some()).collect();
+        self.candidates = Some(if matching.is_empty() { candidates } else { matching });
         self.held.push_back((pts, result));
         let force = self.held.len() > MAX_HELD_RESULTS;
         self.release_held(force)
@@ -329,7 +336,7 @@ impl<T> LivePairing<T> {
         self.frames_skipped += skipped;
         self.frames_paired += 1;
         if let Some(frame) = frame {
-            self.newest_answered = Some(self.newest_answered.map_or(frame.index, |n| n.max(frame.index)));
+            self.newest_paired = Some(self.newest_paired.map_or(frame.index, |n| n.max(frame.index)));
         }
         Paired { result, frame, skipped }
     }

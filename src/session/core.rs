@@ -158,6 +158,8 @@ pub enum Input<'a> {
     FrameDropped,
     /// Live video: no more frames; the track ended.
     TrackEnded,
+    /// Live video: the server asked for a keyframe (it cannot decode).
+    KeyframeRequested,
     /// The time returned by [`SessionCore::poll_timeout`] has come.
     Timeout,
     /// A failure the driver saw (e.g. a send that failed).
@@ -202,6 +204,7 @@ pub struct SessionStats {
     pub frames_skipped: u64,
     pub frames_in_flight: u64,
     pub results_unpaired: u64,
+    pub keyframe_requests: u64,
 }
 
 /// The settings the core acts on, taken from the session's configuration.
@@ -217,9 +220,15 @@ struct Settings {
 
 /// Live video: the frames sent and their results.
 struct LiveCore {
-    pairing: LivePairing<FrameEvent>,
+    /// Results with the instant they arrived (a result may be held).
+    pairing: LivePairing<(FrameEvent, Instant)>,
     /// Frames are in flight, and no result came since then.
     waiting_since: Option<Instant>,
+    /// The server asked for a keyframe: one more frame may go, whatever
+    /// the window, so that the server can decode again (the frames in
+    /// flight may never get a result).
+    keyframe_credit: bool,
+    keyframe_requests: u64,
 }
 
 pub struct SessionCore {
@@ -295,8 +304,9 @@ impl SessionCore {
     }
 
     /// Live video: frames sent whose result has not come back.
+    /// Less one while a keyframe request grants a frame.
     pub fn frames_in_flight(&self) -> u64 {
-        self.live.as_ref().map_or(0, |live| live.pairing.in_flight())
+        self.live.as_ref().map_or(0, |live| live.pairing.in_flight().saturating_sub(u64::from(live.keyframe_credit)))
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -315,6 +325,7 @@ impl SessionCore {
             frames_dropped: self.frames_dropped,
             frames_skipped: self.live.as_ref().map_or(0, |live| live.pairing.frames_skipped()),
             frames_in_flight: self.live.as_ref().map_or(0, |live| live.pairing.in_flight()),
+            keyframe_requests: self.live.as_ref().map_or(0, |live| live.keyframe_requests),
             results_unpaired: self.live.as_ref().map_or(0, |live| live.pairing.results_unpaired()),
         }
     }
@@ -375,7 +386,7 @@ impl SessionCore {
             Input::BeginLive => match self.state {
                 State::Connected => {
                     self.state = State::Uploading;
-                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None });
+                    self.live = Some(LiveCore { pairing: LivePairing::new(), waiting_since: None, keyframe_credit: false, keyframe_requests: 0 });
                 }
                 State::Connecting => {
                     return Err(SessionError::UploadMismatch("live video began before the session was connected".to_owned()));
@@ -386,8 +397,15 @@ impl SessionCore {
                 let live = self.live_frames()?;
                 live.pairing.on_frame_sent(rtp_timestamp, pts_ns, arrived);
                 live.waiting_since.get_or_insert(now);
+                live.keyframe_credit = false;
             }
             Input::FrameDropped => self.frames_dropped += 1,
+            Input::KeyframeRequested => {
+                if let Some(live) = self.live.as_mut() {
+                    live.keyframe_credit = true;
+                    live.keyframe_requests += 1;
+                }
+            }
             Input::TrackEnded => {
                 self.live_frames()?;
                 self.state = State::Receiving;
@@ -441,15 +459,15 @@ impl SessionCore {
         let (paired, complete) = match event {
             ResultEvent::Frame(frame) => {
                 let ticks = frame.pts_90khz;
-                (live.pairing.on_result(ticks, *frame), None)
+                (live.pairing.on_result(ticks, (*frame, now)), None)
             }
             complete @ ResultEvent::Complete { .. } => (live.pairing.finish(), Some(complete)),
         };
         for paired in paired {
-            let mut frame = paired.result;
+            let (mut frame, arrived) = paired.result;
             frame.live = Some(LiveMatch {
                 frame: paired.frame,
-                latency: paired.frame.map(|sent| now.saturating_duration_since(sent.arrived)),
+                latency: paired.frame.map(|sent| arrived.saturating_duration_since(sent.arrived)),
                 skipped: paired.skipped,
             });
             out.push(Output::Deliver(ResultEvent::Frame(Box::new(frame))));
@@ -933,5 +951,106 @@ mod tests {
                 other => format!("{other:?}"),
             }
         }
+    }
+
+    fn live_result(frame_id: u64, pts: u32) -> Vec<u8> {
+        let json = serde_json::json!({
+            "video_metadata": {"frame_id": frame_id, "pts": pts, "time_base": 1.0 / 90000.0},
+            "serialized_output_data": {"rgb_color": [1, 2, 3]},
+            "errors": [],
+            "processing_complete": false,
+        });
+        result_message(frame_id as u32, &json, false)
+    }
+
+    fn delivered(outputs: &[Output]) -> Vec<(u64, Option<u64>, Option<Duration>)> {
+        outputs
+            .iter()
+            .filter_map(|output| match output {
+                Output::Deliver(ResultEvent::Frame(frame)) => {
+                    let live = frame.live.as_ref().expect("a live result");
+                    Some((frame.frame_id, frame.source_pts_ns(), live.latency))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn live_core(now: Instant) -> SessionCore {
+        let mut core = SessionCore::new(&config(|s| s.stall_timeout_ms = 5000));
+        core.handle(Input::Connected, now);
+        assert!(core.handle(Input::BeginLive, now).is_empty());
+        assert_eq!(core.state(), State::Uploading);
+        core
+    }
+
+    #[test]
+    fn live_results_carry_their_buffer_pts_and_latency() {
+        let start = Instant::now();
+        let mut core = live_core(start);
+        let timestamps = [1000u32, 4001, 7003];
+        for (i, rtp) in timestamps.iter().enumerate() {
+            let arrived = start + Duration::from_millis(33 * i as u64);
+            core.handle(Input::FrameSent { rtp_timestamp: *rtp, pts_ns: Some(500 + i as u64), arrived }, arrived);
+        }
+        assert_eq!(core.frames_in_flight(), 3);
+        assert_eq!(core.poll_timeout(), Some(start + Duration::from_secs(5)), "the stall clock runs from the first frame");
+        // pts 0 names the anchor, ambiguous among the frames sent: held.
+        let at = start + Duration::from_millis(100);
+        assert!(delivered(&core.handle(Input::ControlMessage(&live_result(1, 0)), at)).is_empty());
+        let at2 = start + Duration::from_millis(140);
+        let out = core.handle(Input::ControlMessage(&live_result(2, 3001)), at2);
+        assert_eq!(
+            delivered(&out),
+            [(1, Some(500), Some(Duration::from_millis(100))), (2, Some(501), Some(Duration::from_millis(107)))]
+        );
+        assert_eq!(core.frames_in_flight(), 1);
+        assert_eq!(core.poll_timeout(), Some(at2 + Duration::from_secs(5)), "the stall clock restarts with a result");
+        assert!(core.handle(Input::TrackEnded, at2).is_empty());
+        assert_eq!(core.state(), State::Receiving);
+        let out = core.handle(Input::ControlMessage(&live_result(3, 6003)), at2);
+        assert_eq!(delivered(&out), [(3, Some(502), Some(Duration::from_millis(74)))]);
+        assert_eq!(core.poll_timeout(), None, "nothing in flight");
+        let out = core.handle(Input::ControlMessage(&result_message(4, &complete_json(), false)), at2);
+        assert!(matches!(out.last(), Some(Output::Deliver(ResultEvent::Complete { frames: 3, .. }))), "{out:?}");
+        let stats = core.stats();
+        assert_eq!((stats.frames_sent, stats.frames_skipped, stats.results_unpaired), (3, 0, 0));
+    }
+
+    #[test]
+    fn a_live_session_without_results_stalls_after_stall_timeout() {
+        let start = Instant::now();
+        let mut core = live_core(start);
+        core.handle(Input::FrameSent { rtp_timestamp: 1, pts_ns: None, arrived: start }, start);
+        let deadline = core.poll_timeout().unwrap();
+        assert!(core.handle(Input::Timeout, deadline - Duration::from_millis(1)).is_empty());
+        let out = core.handle(Input::Timeout, deadline);
+        assert_eq!(out, [Output::Failed(SessionError::ResultsStalled { timeout: Duration::from_secs(5), results: 0 })]);
+        assert_eq!(core.state(), State::Failed);
+    }
+
+    #[test]
+    fn a_keyframe_request_lets_one_frame_past_the_window() {
+        let now = Instant::now();
+        let mut core = live_core(now);
+        for rtp in [10, 3011] {
+            core.handle(Input::FrameSent { rtp_timestamp: rtp, pts_ns: None, arrived: now }, now);
+        }
+        assert_eq!(core.frames_in_flight(), 2);
+        core.handle(Input::KeyframeRequested, now);
+        assert_eq!(core.frames_in_flight(), 1, "one frame may go");
+        core.handle(Input::FrameSent { rtp_timestamp: 6013, pts_ns: None, arrived: now }, now);
+        assert_eq!(core.frames_in_flight(), 3, "the grant is used up");
+        assert_eq!(core.stats().keyframe_requests, 1);
+    }
+
+    #[test]
+    fn frames_before_the_track_is_up_are_refused_but_drops_count() {
+        let now = Instant::now();
+        let mut core = connected(now);
+        assert!(core.handle(Input::FrameDropped, now).is_empty());
+        assert_eq!(core.stats().frames_dropped, 1, "a drop while connecting counts");
+        let out = core.handle(Input::FrameSent { rtp_timestamp: 1, pts_ns: None, arrived: now }, now);
+        assert!(matches!(&out[..], [Output::Failed(SessionError::UploadMismatch(text))] if text.contains("live frame")), "{out:?}");
     }
 }

@@ -19,7 +19,7 @@ use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::shared::marshal::{Marshal, Unmarshal};
 use tokio::sync::{Notify, mpsc, watch};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
-use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     results_tx: mpsc::Sender<ResultEvent>,
     track_tx: mpsc::Sender<TrackItem>,
     track_packets_dropped: AtomicU64,
+    /// Live video: the server asked for a keyframe (PLI/FIR).
+    keyframe_requested: AtomicBool,
     /// Chunks to the upload task, once the upload channel is open.
     upload_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
     /// Frames to the client track's sender task, once connected (live).
@@ -155,6 +157,7 @@ impl Shared {
             results_tx,
             track_tx,
             track_packets_dropped: AtomicU64::new(0),
+            keyframe_requested: AtomicBool::new(false),
             upload_tx: Mutex::new(None),
             track_out_tx: Mutex::new(None),
             control_tx: Mutex::new(None),
@@ -176,6 +179,10 @@ impl Shared {
 
     pub fn stats(&self) -> SessionStats {
         self.core.lock().unwrap().stats()
+    }
+
+    pub fn frames_in_flight(&self) -> u64 {
+        self.core.lock().unwrap().frames_in_flight()
     }
 
     pub fn state(&self) -> State {
@@ -393,8 +400,11 @@ impl Shared {
                 .map_err(|err| setup("registering the video codec failed", err))?,
             None => media.register_default_codecs().map_err(|err| setup("registering codecs failed", err))?,
         }
-        let registry = register_default_interceptors(Registry::new(), &mut media)
+        let mut registry = register_default_interceptors(Registry::new(), &mut media)
             .map_err(|err| setup("registering interceptors failed", err))?;
+        if config.live.is_some() {
+            registry = super::rtcp::with_keyframe_requests(registry);
+        }
         // mDNS candidates would hide our address from the server and can make
         // building the connection fail on hosts without multicast.
         let mut settings = SettingEngineBuilder::new()
@@ -508,7 +518,10 @@ impl Shared {
             let track = LiveTrack { payload_type, ..track };
             let (track_tx, track_rx) = mpsc::channel(TRACK_OUT_QUEUE);
             let session = self.clone();
+            let local = track.local.clone();
             self.spawn(async move { session.send_track(track, track_rx).await });
+            let session = self.clone();
+            self.spawn(async move { session.read_track_feedback(local).await });
             *self.track_out_tx.lock().unwrap() = Some(track_tx);
             return Ok(());
         }
@@ -628,6 +641,23 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The server's keyframe requests about the client's track.
+    async fn read_track_feedback(self: Arc<Self>, local: Arc<TrackLocalStaticRTP>) {
+        while let Some(event) = local.poll().await {
+            let TrackLocalEvent::OnRtcpPacket(packets) = event else { continue };
+            if super::rtcp::asks_for_keyframe(&packets) {
+                gst::debug!(CAT, "session {}: the server asks for a keyframe", self.name);
+                self.keyframe_requested.store(true, Ordering::Release);
+                self.handle(Input::KeyframeRequested);
+            }
+        }
+    }
+
+    /// Whether the server asked for a keyframe since the last call.
+    pub fn take_keyframe_request(&self) -> bool {
+        self.keyframe_requested.swap(false, Ordering::AcqRel)
     }
 
     async fn send_controls(self: Arc<Self>, channel: Arc<dyn DataChannel>, mut texts: mpsc::UnboundedReceiver<String>) {

@@ -124,9 +124,15 @@ impl UploadWriter {
         self.feed(Input::BeginLive)
     }
 
-    /// Live video: frames sent whose result has not come back.
+    /// Live video: the window's occupancy: frames sent whose result has not
+    /// come back, less one while a keyframe request grants a frame.
     pub fn frames_in_flight(&self) -> u64 {
-        self.shared.stats().frames_in_flight
+        self.shared.frames_in_flight()
+    }
+
+    /// Live video: whether the server asked for a keyframe since the last call.
+    pub fn take_keyframe_request(&self) -> bool {
+        self.shared.take_keyframe_request()
     }
 
     /// Live video: waits until fewer than `max` frames are in flight.

@@ -11,6 +11,7 @@ mod driver;
 pub mod endpoints;
 pub mod error;
 pub mod registry;
+mod rtcp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

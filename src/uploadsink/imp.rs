@@ -782,6 +782,7 @@ impl UploadSink {
                         s.set("frames-skipped", stats.frames_skipped);
                         s.set("frames-in-flight", stats.frames_in_flight);
                         s.set("results-unpaired", stats.results_unpaired);
+                        s.set("keyframe-requests", stats.keyframe_requests);
                     }
                 })
             }
@@ -1113,6 +1114,13 @@ impl UploadSink {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Live video: asks upstream's encoder for a keyframe.
+    pub(super) fn request_upstream_keyframe(&self, event: gst::Event) {
+        if !self.sinkpad.push_event(event) {
+            gst::debug!(CAT, imp = self, "upstream did not take the keyframe request");
         }
     }
 

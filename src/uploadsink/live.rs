@@ -230,6 +230,14 @@ impl LiveEncoder {
         self.src.set_caps(Some(caps));
     }
 
+    /// The next frame is encoded as a keyframe (raw video only).
+    pub fn force_keyframe(&self) {
+        let event = gst_video::DownstreamForceKeyUnitEvent::builder().all_headers(true).build();
+        if !self.src.send_event(event) {
+            gst::warning!(super::imp::CAT, "the live encoder did not take a keyframe request");
+        }
+    }
+
     /// Encodes and payloads one buffer; returns its RTP packets in order.
     pub fn encode(&self, buffer: gst::Buffer) -> Result<Vec<Vec<u8>>, String> {
         self.src.push_buffer(buffer).map_err(|flow| self.failure(&format!("{flow:?}")))?;

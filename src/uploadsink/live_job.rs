@@ -80,7 +80,7 @@ impl LiveJob {
             mode,
             encoder,
             plan: RtpPlan::new(codec, origin, session::random_u32() as u16),
-            frame_ticks: rate.and_then(|rate| ticks_per_frame(rate)),
+            frame_ticks: rate.and_then(ticks_per_frame),
             begun: false,
             ended: false,
             buffers: 0,
@@ -131,6 +131,16 @@ impl LiveJob {
             }
         } else {
             sink.wait(Some(stall), stalled, self.writer.wait_in_flight_below(max))?;
+        }
+        if self.writer.take_keyframe_request() {
+            // The server cannot decode: a keyframe now, from the encoder
+            // here or the one upstream.
+            if self.mode == CapsMode::Raw {
+                self.encoder.force_keyframe();
+            } else {
+                let event = gst_video::UpstreamForceKeyUnitEvent::builder().all_headers(true).build();
+                sink.request_upstream_keyframe(event);
+            }
         }
         let pts = buffer.pts().map(gst::ClockTime::nseconds);
         let duration = buffer.duration().and_then(|d| u32::try_from(d.nseconds() * 9 / 100_000).ok()).filter(|t| *t > 0);

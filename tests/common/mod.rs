@@ -1,3 +1,4 @@
 pub mod worker;
 pub mod harness;
+pub mod live;
 pub mod video_track;

@@ -21,6 +21,8 @@ pub const VIDEO_CLOCK_RATE: u32 = 90_000;
 /// Bounds the packets one frame may produce (a 4K keyframe is well below).
 const MAX_PACKETS_PER_FRAME: usize = 20_000;
 const ENCODE_TIMEOUT_SECONDS: u64 = 10;
+/// Frames between keyframes of the returned track.
+const DEFAULT_KEYFRAME_INTERVAL: u32 = 30;
 /// The track's payload size; leaves room for SRTP and header extensions.
 const RTP_MTU: u32 = 1200;
 
@@ -75,16 +77,24 @@ impl TrackCodec {
         }
     }
 
-    /// `appsrc` (raw video) to `appsink` (RTP packets), one frame in, its packets out.
-    fn pipeline_description(self, payload_type: u8) -> String {
+    /// The codec whose RTP media type is `mime_type` (`video/VP8`, any case).
+    pub fn from_mime(mime_type: &str) -> Option<TrackCodec> {
+        [TrackCodec::Vp8, TrackCodec::H264]
+            .into_iter()
+            .find(|codec| codec.mime_type().eq_ignore_ascii_case(mime_type))
+    }
+
+    /// `appsrc` (raw video) to `appsink` (RTP packets), one frame in, its
+    /// packets out; a keyframe at least every `keyframe_interval` frames.
+    fn pipeline_description(self, payload_type: u8, keyframe_interval: u32) -> String {
         let encode = match self {
             // A higher bitrate than the default so tests can compare colours.
             TrackCodec::Vp8 => format!(
-                "vp8enc deadline=1 keyframe-max-dist=30 target-bitrate=2000000 \
+                "vp8enc deadline=1 keyframe-max-dist={keyframe_interval} target-bitrate=2000000 \
                  ! rtpvp8pay pt={payload_type} mtu={RTP_MTU}"
             ),
             TrackCodec::H264 => format!(
-                "x264enc tune=zerolatency speed-preset=ultrafast key-int-max=30 \
+                "x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyframe_interval} \
                  ! video/x-h264,profile=constrained-baseline \
                  ! rtph264pay pt={payload_type} mtu={RTP_MTU} config-interval=-1 aggregate-mode=zero-latency"
             ),
@@ -121,21 +131,50 @@ impl OfferedCodec {
     }
 }
 
-/// The formats of the offer's first video section, in the offer's order
-/// (its preference), or `None` when the offer cannot receive video: no video
-/// section, a rejected one (port 0), or one the client only sends on.
-pub fn offered_video_codecs(sdp: &str) -> Option<Vec<OfferedCodec>> {
+/// The offer's first video section, as far as the worker needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VideoSection {
+    /// `a=sendrecv`, `a=sendonly`, `a=recvonly` or `a=inactive` (the
+    /// offerer's view); `sendrecv` when the section names none.
+    pub direction: String,
+    /// Port 0: the offerer rejected the section.
+    pub rejected: bool,
+    /// The section announces a track of the offerer (`a=msid` or `a=ssrc`).
+    pub has_track: bool,
+    /// Its formats in the offer's order (its preference).
+    pub codecs: Vec<OfferedCodec>,
+}
+
+impl VideoSection {
+    /// The offerer sends video on it (live video in, PROTOCOL §10).
+    pub fn client_sends(&self) -> bool {
+        !self.rejected
+            && self.has_track
+            && (self.direction == "sendrecv" || self.direction == "sendonly")
+    }
+
+    /// The offerer can receive video on it (a returned track, §6).
+    pub fn client_receives(&self) -> bool {
+        !self.rejected && (self.direction == "sendrecv" || self.direction == "recvonly")
+    }
+}
+
+/// The offer's first video section, or `None` when it has none.
+pub fn video_section(sdp: &str) -> Option<VideoSection> {
     let mut formats: Option<Vec<u8>> = None;
+    let mut rejected = false;
     let mut rtpmaps: HashMap<u8, (String, u32)> = HashMap::new();
     let mut fmtps: HashMap<u8, String> = HashMap::new();
-    let mut receives = true;
+    let mut direction = "sendrecv".to_owned();
+    let mut has_track = false;
     for line in sdp.lines() {
         if let Some(media) = line.strip_prefix("m=") {
             if formats.is_some() {
                 break;
             }
             let mut fields = media.split_whitespace();
-            if fields.next() == Some("video") && fields.next().is_some_and(|port| port != "0") {
+            if fields.next() == Some("video") {
+                rejected = fields.next().is_none_or(|port| port == "0");
                 formats = Some(fields.skip(1).filter_map(|f| f.parse().ok()).collect());
             }
             continue;
@@ -160,25 +199,66 @@ pub fn offered_video_codecs(sdp: &str) -> Option<Vec<OfferedCodec>> {
             {
                 fmtps.insert(pt, parameters.trim().to_owned());
             }
-        } else if line == "a=sendonly" || line == "a=inactive" {
-            receives = false;
+        } else if let Some(value) = line.strip_prefix("a=") {
+            match value {
+                "sendrecv" | "sendonly" | "recvonly" | "inactive" => direction = value.to_owned(),
+                _ if value.starts_with("msid:") || value.starts_with("ssrc:") => has_track = true,
+                _ => {}
+            }
         }
     }
-    let formats = formats.filter(|_| receives)?;
-    Some(
-        formats
-            .into_iter()
-            .filter_map(|pt| {
-                let (name, clock_rate) = rtpmaps.get(&pt)?;
-                Some(OfferedCodec {
-                    payload_type: pt,
-                    mime_type: format!("video/{name}"),
-                    clock_rate: *clock_rate,
-                    fmtp: fmtps.get(&pt).cloned().unwrap_or_default(),
-                })
+    let codecs = formats?
+        .into_iter()
+        .filter_map(|pt| {
+            let (name, clock_rate) = rtpmaps.get(&pt)?;
+            Some(OfferedCodec {
+                payload_type: pt,
+                mime_type: format!("video/{name}"),
+                clock_rate: *clock_rate,
+                fmtp: fmtps.get(&pt).cloned().unwrap_or_default(),
             })
-            .collect(),
-    )
+        })
+        .collect();
+    Some(VideoSection {
+        direction,
+        rejected,
+        has_track,
+        codecs,
+    })
+}
+
+/// The formats of the offer's first video section, in the offer's order
+/// (its preference), or `None` when the offer cannot receive video: no video
+/// section, a rejected one (port 0), or one the client only sends on.
+pub fn offered_video_codecs(sdp: &str) -> Option<Vec<OfferedCodec>> {
+    video_section(sdp)
+        .filter(|section| section.client_receives())
+        .map(|section| section.codecs)
+}
+
+/// The format a live client track may be sent in (§10): the offer's first
+/// VP8, or H.264 with `packetization-mode=1` and a Constrained Baseline
+/// (`42e0xx`) or Baseline (`4200xx`) profile-level-id. `None`: the server
+/// fails before answering.
+pub fn live_track_format(offered: &[OfferedCodec]) -> Option<&OfferedCodec> {
+    offered.iter().find(|codec| {
+        if codec.clock_rate != VIDEO_CLOCK_RATE {
+            return false;
+        }
+        if codec
+            .mime_type
+            .eq_ignore_ascii_case(TrackCodec::Vp8.mime_type())
+        {
+            return true;
+        }
+        codec
+            .mime_type
+            .eq_ignore_ascii_case(TrackCodec::H264.mime_type())
+            && codec.fmtp_value("packetization-mode") == Some("1")
+            && codec
+                .h264_profile()
+                .is_some_and(|p| p.starts_with("42e0") || p.starts_with("4200"))
+    })
 }
 
 /// The codec to send and the offered format it goes as: `preferred` when
@@ -266,7 +346,10 @@ pub fn stamp_frame(image: &gst::Sample, level: u8) -> Result<gst::Sample, String
             data[row * stride..row * stride + row_bytes].fill(level);
         }
     }
-    Ok(gst::Sample::builder().buffer(&buffer).caps(&caps.to_owned()).build())
+    Ok(gst::Sample::builder()
+        .buffer(&buffer)
+        .caps(&caps.to_owned())
+        .build())
 }
 
 /// `appsrc ! videoconvert ! <encoder> ! <payloader> ! appsink`. Both encoders
@@ -282,8 +365,18 @@ pub struct RtpEncoder {
 
 impl RtpEncoder {
     pub fn new(codec: TrackCodec, payload_type: u8) -> Result<RtpEncoder, String> {
+        RtpEncoder::with_keyframe_interval(codec, payload_type, DEFAULT_KEYFRAME_INTERVAL)
+    }
+
+    /// An encoder that makes a keyframe at least every `keyframe_interval` frames
+    /// (1: every frame is one).
+    pub fn with_keyframe_interval(
+        codec: TrackCodec,
+        payload_type: u8,
+        keyframe_interval: u32,
+    ) -> Result<RtpEncoder, String> {
         gst::init().map_err(|e| e.to_string())?;
-        let description = codec.pipeline_description(payload_type);
+        let description = codec.pipeline_description(payload_type, keyframe_interval.max(1));
         let pipeline = gst::parse::launch(&description)
             .map_err(|e| format!("track encoder '{description}': {e}"))?
             .downcast::<gst::Pipeline>()

@@ -20,6 +20,13 @@
 //! [`inverted_frame`]) is encoded and its RTP packets are written with the
 //! timestamp origin + pts at 90 kHz.
 //!
+//! Live video in (§10): when the offer's video section carries a track the
+//! client sends on, the worker reads that track instead of an upload (see
+//! the `live` module, `live_track.rs`): it assembles, decodes and processes
+//! the client's frames, reports `pts` = RTP timestamp − the first assembled
+//! frame's, and sends `processing_complete` once the client's RTCP BYE
+//! arrives, then waits for the client to close.
+//!
 //! [`WorkerConfig`] holds two kinds of deviation from the plain case: knobs
 //! for things the real server does too (results spanning chunks, per-frame
 //! `errors`, realtime drops, another time base, a lost first track frame),
@@ -71,12 +78,16 @@ use webrtc::runtime::{
     TokioRuntime, Transmit,
 };
 
-#[allow(unused_imports)]
-pub use super::video_track::{STAMP_ROWS, TrackCodec, frame_id_from_stamp, stamp_level};
 use super::video_track::{
     OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame,
-    offered_video_codecs, random_u32, stamp_frame,
+    live_track_format, random_u32, stamp_frame, video_section,
 };
+#[allow(unused_imports)]
+pub use super::video_track::{STAMP_ROWS, TrackCodec, frame_id_from_stamp, stamp_level};
+use webrtc::media_stream::track_remote::TrackRemote;
+
+#[path = "live_track.rs"]
+mod live;
 
 // ---------------------------------------------------------------------------
 // Public API
@@ -134,7 +145,9 @@ pub struct WorkerConfig {
     /// Nth decoded frame is skipped, as the server drops the frames that
     /// arrive while it is busy. A skipped frame is never processed: no
     /// result, no RTP, and `frame_id` (the server's count of processed
-    /// frames) stays contiguous while `pts` keeps the gap.
+    /// frames) stays contiguous while `pts` keeps the gap. Applies to a live
+    /// track too (every Nth decoded picture, deterministically, on top of
+    /// the drops `live_process_delay` causes).
     pub realtime_drop_every: Option<u32>,
     /// `video_metadata.time_base` as (num, den) seconds per pts unit; `pts`
     /// is the frame's time in those units, rounded (PyAV reports the
@@ -149,6 +162,17 @@ pub struct WorkerConfig {
     /// image with [`stamp_level`] of its frame id, so a test can tell which
     /// frame a decoded picture is, whatever the plugin paired it with.
     pub track_stamp_frame_id: bool,
+    /// Live video in (§10): how long the Workflow takes per frame, slept
+    /// before each frame's result. With realtime processing, frames that
+    /// arrive meanwhile replace each other (only the newest waits); without
+    /// it they queue up without bound, as on the real server.
+    pub live_process_delay: Duration,
+    /// Live video in: every packet of the client's first frame (the first
+    /// RTP timestamp seen) is discarded, as if lost on the way, so the first
+    /// assembled frame, and `pts` 0, is the client's second. Frames that need
+    /// the lost one cannot be decoded: they are skipped and a PLI asks the
+    /// client for a keyframe (aiortc does the same), see the `live` module.
+    pub live_lose_first_frame: bool,
 }
 
 impl Default for WorkerConfig {
@@ -169,6 +193,8 @@ impl Default for WorkerConfig {
             time_base: (1, PTS_CLOCK_RATE as u32),
             track_lose_first_frame: false,
             track_stamp_frame_id: false,
+            live_process_delay: Duration::ZERO,
+            live_lose_first_frame: false,
         }
     }
 }
@@ -276,6 +302,51 @@ pub struct SessionReport {
     pub realtime_frames_dropped: u32,
     /// Frame ids whose RTP was written completely, in order.
     pub track_frame_ids: Vec<u32>,
+
+    // Live video in (§10): the client's track. Zero/empty/`None` in file mode.
+    /// The format the client's track was offered in, e.g. `video/VP8`.
+    pub live_track_codec: Option<String>,
+    /// Its `a=fmtp` parameters (empty for VP8).
+    pub live_track_fmtp: Option<String>,
+    /// The offer's video direction (`sendrecv` or `sendonly`) for a live offer.
+    pub live_offer_direction: Option<String>,
+    /// The answer's video direction: `sendrecv` with a returned track, else `recvonly`.
+    pub live_answer_direction: Option<String>,
+    /// The client's SSRC, from its first RTP packet.
+    pub live_ssrc: Option<u32>,
+    /// RTP packets received on the client's track, and those discarded by
+    /// `live_lose_first_frame` (counted in both).
+    pub live_packets_received: u32,
+    pub live_packets_discarded: u32,
+    /// Complete frames (every packet up to the marker bit) assembled.
+    pub live_frames_assembled: u32,
+    /// RTP timestamps of the assembled frames, in order.
+    pub live_rtp_timestamps: Vec<u32>,
+    /// RTP timestamp of the first assembled frame: `pts` is counted from it.
+    pub live_first_rtp: Option<u32>,
+    /// Assembled frames not handed to the decoder: no keyframe since the
+    /// decoder started (or restarted after an error).
+    pub live_frames_skipped: u32,
+    /// Pictures out of the decoder.
+    pub live_frames_decoded: u32,
+    /// Decoded frames processed: each got a result (its `frame_id` is this count).
+    pub live_frames_processed: u32,
+    /// Realtime only: decoded frames replaced by a newer one while waiting,
+    /// or still waiting when the track ended. Never processed.
+    pub live_frames_dropped_realtime: u32,
+    /// RTP timestamps of the processed frames, in order.
+    pub live_processed_rtp: Vec<u32>,
+    /// Mean RGB of each processed frame, in order (what `rgb_color` reports).
+    pub live_colors: Vec<[u8; 3]>,
+    /// Picture loss indications sent to the client.
+    pub live_plis_sent: u32,
+    /// An RTCP BYE for the client's SSRC arrived.
+    pub live_bye_received: bool,
+    /// The track ended without a BYE (webrtc-rs `OnEnded`, or its events stopped).
+    pub live_track_ended: bool,
+    /// Frames dropped as incomplete, skipped, or refused by the decoder, and
+    /// decoder errors, as text.
+    pub live_decode_errors: Vec<String>,
 }
 
 /// One frame result as the worker sent it.
@@ -295,7 +366,8 @@ impl SentResult {
     /// pts × time_base, in ns, rounded.
     pub fn pts_ns(&self) -> u64 {
         let (num, den) = self.time_base;
-        ((u128::from(self.pts) * u128::from(num) * 1_000_000_000 + u128::from(den) / 2) / u128::from(den)) as u64
+        ((u128::from(self.pts) * u128::from(num) * 1_000_000_000 + u128::from(den) / 2)
+            / u128::from(den)) as u64
     }
 }
 
@@ -699,6 +771,7 @@ fn new_request_id() -> String {
 enum PeerEvent {
     DataChannel(Arc<dyn DataChannel>),
     State(RTCPeerConnectionState),
+    Track(Arc<dyn TrackRemote>),
 }
 
 /// Callbacks run on the connection's driver: only hand events on, never wait.
@@ -722,6 +795,10 @@ impl PeerConnectionEventHandler for PeerEvents {
     async fn on_data_channel(&self, data_channel: Arc<dyn DataChannel>) {
         let _ = self.events.send(PeerEvent::DataChannel(data_channel));
     }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let _ = self.events.send(PeerEvent::Track(track));
+    }
 }
 
 /// Answers the offer in `request` and starts the session; returns the answer SDP.
@@ -734,7 +811,33 @@ async fn open_session(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let offered_video = offered_video_codecs(&offer_sdp);
+    let section = video_section(&offer_sdp);
+    // Live video in (§10): the client sends a track. Its format is checked
+    // before anything else, as the server's worker fails before answering.
+    let live = match section.as_ref().filter(|section| section.client_sends()) {
+        Some(section) => {
+            let format = live_track_format(&section.codecs).ok_or_else(|| {
+                let offered: Vec<String> = section
+                    .codecs
+                    .iter()
+                    .map(|c| format!("{} {}", c.mime_type, c.fmtp).trim().to_owned())
+                    .collect();
+                format!(
+                    "the offer's video has no codec the server decodes (VP8, or H.264 \
+                     packetization-mode=1 with profile-level-id 42e0xx or 4200xx); offered: [{}]",
+                    offered.join(", ")
+                )
+            })?;
+            Some(live::LiveOffer {
+                direction: section.direction.clone(),
+                format: format.clone(),
+            })
+        }
+        None => None,
+    };
+    let offered_video = section
+        .filter(|section| section.client_receives())
+        .map(|section| section.codecs);
     let track_format = offered_video
         .as_deref()
         .filter(|_| stream_output_wanted(&request))
@@ -751,16 +854,26 @@ async fn open_session(
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
     let mut builder = PeerConnectionBuilder::new();
-    if offered_video.is_some() {
+    if offered_video.is_some() || live.is_some() {
         // Sender reports and NACK handling for the video track, as aiortc has.
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)
+        let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
             .map_err(|e| format!("interceptors: {e}"))?;
+        if live.is_some() {
+            // webrtc-rs hands inbound RTCP to the application only when an
+            // interceptor marks it: this one marks the client's BYE.
+            registry = live::with_bye_forwarder(registry);
+        }
         builder = builder.with_interceptor_registry(registry);
     }
-    let goes_silent = shared.config.has(|f| matches!(f, Fault::GoSilentAfterFrames(_)));
+    let goes_silent = shared
+        .config
+        .has(|f| matches!(f, Fault::GoSilentAfterFrames(_)));
     if shared.config.upload_read_delay.is_some() || goes_silent {
         let delay = shared.config.upload_read_delay.unwrap_or_default();
-        builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(delay, shared.silenced.clone())));
+        builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(
+            delay,
+            shared.silenced.clone(),
+        )));
     }
     let peer = builder
         .with_configuration(RTCConfigurationBuilder::new().build())
@@ -789,7 +902,9 @@ async fn open_session(
                 Some(add_outgoing_track(&peer, *codec, format, origin).await?)
             }
             None => {
-                if offered_video.is_some() {
+                // A live track is received even without a returned one:
+                // the answer is then recvonly.
+                if offered_video.is_some() && live.is_none() {
                     refuse_video(&peer).await?;
                 }
                 None
@@ -834,6 +949,16 @@ async fn open_session(
     }
 
     let session = Session::new(shared, request, authorization, Some(peer), track);
+    if let Some(offer) = &live {
+        let answer_direction = video_section(&answer_sdp).map(|section| section.direction);
+        session.update(|report| {
+            report.live_track_codec = Some(offer.format.mime_type.clone());
+            report.live_track_fmtp = Some(offer.format.fmtp.clone());
+            report.live_offer_direction = Some(offer.direction.clone());
+            report.live_answer_direction = answer_direction;
+        });
+    }
+    *session.live.lock().unwrap() = live;
     tokio::spawn(run_session(session, events_rx));
     Ok(answer_sdp)
 }
@@ -936,6 +1061,8 @@ struct Session {
     track: Option<OutgoingTrack>,
     /// See [`Fault::GoSilentAfterFrames`].
     silenced: Arc<AtomicBool>,
+    /// Live video in: the client's track as offered (§10).
+    live: Mutex<Option<live::LiveOffer>>,
 }
 
 impl Session {
@@ -977,6 +1104,7 @@ impl Session {
             processing_started: AtomicBool::new(false),
             declared_fps,
             silenced: shared.silenced.clone(),
+            live: Mutex::new(None),
         });
         shared.sessions.lock().unwrap().push(session.clone());
         session
@@ -1027,6 +1155,27 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
         match event {
             None => break,
             Some(PeerEvent::DataChannel(channel)) => attach_channel(&session, channel).await,
+            Some(PeerEvent::Track(track)) => {
+                let offer = session.live.lock().unwrap().clone();
+                let Some(offer) = offer else { continue };
+                if session.processing_started.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                let request = session.report.lock().unwrap().request.clone();
+                if offer.direction == "sendonly" && stream_output_wanted(&request) {
+                    // aiortc pulls frames through the returned track's
+                    // sender, which a sendonly offer never starts (§10).
+                    session.update(|report| {
+                        report.live_decode_errors.push(
+                            "sendonly offer with a returned track asked for: the server's \
+                             sender never starts and nothing is processed"
+                                .to_owned(),
+                        )
+                    });
+                    continue;
+                }
+                tokio::spawn(live::run_live_track(session.clone(), track, offer));
+            }
             Some(PeerEvent::State(
                 RTCPeerConnectionState::Closed | RTCPeerConnectionState::Failed,
             )) => {
@@ -1254,6 +1403,9 @@ struct DecodedFrame {
     jpeg: Option<Vec<u8>>,
     /// The stream output for the video track, when one was negotiated.
     image: Option<gst::Sample>,
+    /// Live video in: the pts in 90 kHz ticks (RTP timestamp − the first
+    /// frame's), reported with time base 1/90000 whatever `time_base` says.
+    live_pts: Option<u64>,
 }
 
 async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
@@ -1365,6 +1517,14 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
     if session.config.has(|f| matches!(f, Fault::NeverComplete)) {
         return;
     }
+    send_processing_complete(&session, last_frame_id).await;
+    tokio::time::sleep(CLOSE_LINGER).await;
+    session.end();
+}
+
+/// `processing_complete` (§5), header frame_id = the last frame's + 1, once
+/// the results before it are delivered.
+async fn send_processing_complete(session: &Session, last_frame_id: u32) {
     if let Some(control) = session.control_channel() {
         let outputs = session.outputs.lock().unwrap().clone();
         let message = json!({
@@ -1390,8 +1550,6 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
         }
         wait_drained(&control).await;
     }
-    tokio::time::sleep(CLOSE_LINGER).await;
-    session.end();
 }
 
 /// Batch mode (§7): once acks have started, frame K waits for ack >= K - 1.
@@ -1444,14 +1602,26 @@ fn units_to_90k(units: u64, (num, den): (u32, u32)) -> u64 {
     ((u128::from(units) * u128::from(num) * u128::from(VIDEO_CLOCK_RATE) + den / 2) / den) as u64
 }
 
-/// The frame's pts in the session's time base units.
+/// The frame's pts in units of [`frame_time_base`].
 fn frame_pts(session: &Session, frame: &DecodedFrame) -> u64 {
-    ns_to_units(frame.pts_ns.unwrap_or(0), session.config.time_base)
+    match frame.live_pts {
+        Some(ticks) => ticks,
+        None => ns_to_units(frame.pts_ns.unwrap_or(0), session.config.time_base),
+    }
+}
+
+/// The time base a frame's result reports: 1/90000 for a live frame (the
+/// RTP clock), else the configured one.
+fn frame_time_base(session: &Session, frame: &DecodedFrame) -> (u32, u32) {
+    match frame.live_pts {
+        Some(_) => (1, VIDEO_CLOCK_RATE),
+        None => session.config.time_base,
+    }
 }
 
 fn video_metadata(session: &Session, frame_id: u32, frame: &DecodedFrame) -> Value {
     let fps = frame.fps.unwrap_or(30.0);
-    let (num, den) = session.config.time_base;
+    let (num, den) = frame_time_base(session, frame);
     json!({
         "frame_id": frame_id,
         "received_at": iso_time_now(),
@@ -1563,7 +1733,7 @@ fn frame_messages(
     let sent = SentResult {
         frame_id,
         pts: frame_pts(session, frame),
-        time_base: config.time_base,
+        time_base: frame_time_base(session, frame),
         chunks: messages.len() as u32,
         errors,
     };
@@ -1804,7 +1974,7 @@ async fn send_track_frame(
         Err(err) => return track_error(session, frame_id, format!("encoder task: {err}")),
     };
     tokio::time::sleep_until(first_packet_at).await;
-    let timestamp = track.rtp_timestamp(frame_pts(session, frame), config.time_base);
+    let timestamp = track.rtp_timestamp(frame_pts(session, frame), frame_time_base(session, frame));
     for mut packet in packets {
         packet.header.timestamp = timestamp;
         packet.header.ssrc = track.ssrc;
@@ -1939,6 +2109,7 @@ fn summarize_frame(sample: &gst::Sample, jpeg: Option<Vec<u8>>) -> Result<Decode
         mean_rgb: sums.map(|sum| (sum / pixels) as u8),
         jpeg,
         image: None,
+        live_pts: None,
     })
 }
 
