@@ -181,8 +181,9 @@ impl Shared {
         self.core.lock().unwrap().stats()
     }
 
+    /// Live video: the window's occupancy, as the core last reported it.
     pub fn frames_in_flight(&self) -> u64 {
-        self.core.lock().unwrap().frames_in_flight()
+        *self.in_flight.borrow()
     }
 
     pub fn state(&self) -> State {
@@ -513,8 +514,8 @@ impl Shared {
         }
         *self.control_tx.lock().unwrap() = Some(control_tx);
 
-        if let Some((track, sender)) = live_track {
-            let payload_type = negotiated_payload_type(&sender, config.live).await?;
+        if let (Some((track, sender)), Some(codec)) = (live_track, config.live) {
+            let payload_type = negotiated_payload_type(&sender, codec).await?;
             let track = LiveTrack { payload_type, ..track };
             let (track_tx, track_rx) = mpsc::channel(TRACK_OUT_QUEUE);
             let session = self.clone();
@@ -762,9 +763,8 @@ async fn add_live_track(
 /// The payload type the answer gave the track's codec.
 async fn negotiated_payload_type(
     sender: &Arc<dyn webrtc::rtp_transceiver::RtpSender>,
-    codec: Option<LiveCodec>,
+    codec: LiveCodec,
 ) -> Result<u8, SessionError> {
-    let codec = codec.expect("a live session");
     let parameters = sender.get_parameters().await.map_err(|err| setup("reading the video sender's parameters failed", err))?;
     parameters
         .rtp_parameters
