@@ -178,7 +178,7 @@ fn parse_options() -> Options {
         eprintln!("bench_live: --frames must be 1..=342 (the colour code; 342 marks warm-up frames)");
         std::process::exit(2);
     }
-    if o.format == "I420" && (o.width % 2 != 0 || o.height % 2 != 0) {
+    if o.format == "I420" && (!o.width.is_multiple_of(2) || !o.height.is_multiple_of(2)) {
         usage();
     }
     o
