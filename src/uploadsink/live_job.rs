@@ -33,9 +33,6 @@ pub(super) struct LiveJob {
     mode: CapsMode,
     encoder: LiveEncoder,
     plan: RtpPlan,
-    /// Clock ticks per frame from the caps' frame rate, for buffers that
-    /// carry no duration.
-    frame_ticks: Option<u32>,
     /// The track is up and frames are sent.
     begun: bool,
     /// The track ended (RTCP BYE sent).
@@ -84,8 +81,7 @@ impl LiveJob {
             config,
             mode,
             encoder,
-            plan: RtpPlan::new(codec, origin, session::random_u32() as u16),
-            frame_ticks: rate.and_then(ticks_per_frame),
+            plan: RtpPlan::new(codec, origin, session::random_u32() as u16, rate.and_then(ticks_per_frame)),
             begun: false,
             ended: false,
             buffers: 0,
@@ -108,7 +104,6 @@ impl LiveJob {
             gst::info!(CAT, "live video: new caps {caps}, the encoder starts again");
             self.encoder.set_caps(caps);
         }
-        self.frame_ticks = framerate(caps).and_then(ticks_per_frame).or(self.frame_ticks);
         Ok(())
     }
 
@@ -166,10 +161,9 @@ impl LiveJob {
             self.encoder.force_keyframe();
         }
         let pts = buffer.pts().map(gst::ClockTime::nseconds);
-        let duration = buffer.duration().and_then(|d| u32::try_from(d.nseconds() * 9 / 100_000).ok()).filter(|t| *t > 0);
         let mut packets = self.encoder.encode(buffer).map_err(Stop::failed)?;
         let before = self.plan.clone();
-        let timestamp = self.plan.stamp_frame(&mut packets, duration.or(self.frame_ticks)).map_err(Stop::failed)?;
+        let timestamp = self.plan.stamp_frame(&mut packets).map_err(Stop::failed)?;
         let sent = sink.wait(Some(stall), stalled, self.writer.send_frame(packets, timestamp, pts, arrived));
         match sent {
             Ok(()) => self.need_keyframe = false,
