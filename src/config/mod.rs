@@ -7,12 +7,14 @@
 // session_config.rs: the validated result, and how it reads on the wire.
 
 mod network;
+mod properties;
 mod session_config;
 mod settings;
 mod workflow;
 
 pub use crate::protocol::{DEFAULT_IMAGE_INPUT_NAME, IceServer, WorkflowSource};
 pub use network::{AUTO_SCTP_MTU, MAX_SCTP_MTU};
+pub(crate) use properties::{ms_property, session_properties, session_property, set_session_property, string_property};
 pub use session_config::SessionConfig;
 pub use settings::{
     ApiKeyTransport, DEFAULT_API_URL, DEFAULT_BUFFER_LIMIT, DEFAULT_CHUNK_SIZE_U32,
