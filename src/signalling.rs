@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::config::{ApiKeyTransport, SessionConfig};
+use crate::config::{ApiKeyTransport, CameraKind, SessionConfig};
 use crate::protocol::{
     InitialiseAnswer, InitialiseRequest, SessionDescriptionJson, WebrtcConfig,
     WorkflowConfiguration, describe_error_body,
@@ -45,7 +45,9 @@ pub fn build_request(config: &SessionConfig, offer_sdp: String) -> InitialiseReq
         processing_timeout: config.processing_timeout,
         requested_plan: config.requested_plan.clone(),
         requested_region: config.requested_region.clone(),
-        video_file_upload: config.live.is_none(),
+        video_file_upload: config.live.is_none() && config.camera.is_none(),
+        rtsp_url: config.camera.as_ref().filter(|camera| camera.kind == CameraKind::Rtsp).map(|camera| camera.url().to_owned()),
+        mjpeg_url: config.camera.as_ref().filter(|camera| camera.kind == CameraKind::Mjpeg).map(|camera| camera.url().to_owned()),
     }
 }
 
@@ -70,7 +72,7 @@ pub enum SignallingError {
     ReadFailed { url: String, detail: String },
     /// An HTTP error status; `description` holds the status and the body's message.
     #[error("the server at {url} refused the session: {description}")]
-    Refused { url: String, description: String },
+    Refused { url: String, status: u16, description: String },
     #[error("the server at {url} answered HTTP {status} without a usable SDP answer ({detail}): {description}")]
     NoAnswer { url: String, status: u16, detail: String, description: String },
     #[error("the server at {url} answered with type '{kind}' and {sdp_bytes} bytes of SDP, not an SDP answer")]
@@ -108,7 +110,7 @@ pub async fn exchange(
         .await
         .map_err(|err| SignallingError::ReadFailed { url: url.clone(), detail: error_chain(&err) })?;
     if !status.is_success() {
-        return Err(SignallingError::Refused { url, description: describe_error_body(status.as_u16(), &body) });
+        return Err(SignallingError::Refused { url, status: status.as_u16(), description: describe_error_body(status.as_u16(), &body) });
     }
     let answer: InitialiseAnswer = serde_json::from_slice(&body).map_err(|err| SignallingError::NoAnswer {
         url: url.clone(),

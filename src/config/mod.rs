@@ -3,9 +3,11 @@
 //
 // settings.rs: the properties as set, their limits, and `validate`;
 // workflow.rs: which Workflow runs and which of its outputs come back;
+// camera.rs: a camera the server reads (source-url);
 // network.rs: ICE servers, the UDP bind address and the SCTP packet size;
 // session_config.rs: the validated result, and how it reads on the wire.
 
+mod camera;
 mod network;
 mod properties;
 mod session_config;
@@ -13,8 +15,12 @@ mod settings;
 mod workflow;
 
 pub use crate::protocol::{DEFAULT_IMAGE_INPUT_NAME, IceServer, WorkflowSource};
+pub use camera::{CameraKind, CameraSource};
 pub use network::{AUTO_SCTP_MTU, MAX_SCTP_MTU};
-pub(crate) use properties::{ms_property, session_properties, session_property, set_session_property, string_property};
+pub(crate) use properties::{
+    camera_session_properties, camera_settings, ms_property, session_properties, session_property, set_session_property,
+    string_property,
+};
 pub use session_config::SessionConfig;
 pub use settings::{
     ApiKeyTransport, DEFAULT_API_URL, DEFAULT_BUFFER_LIMIT, DEFAULT_CHUNK_SIZE_U32,

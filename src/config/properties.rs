@@ -1,6 +1,8 @@
 // The properties of a session, defined once: every element that runs a
-// session has them (roboflowuploadsink today), with the same names, limits,
-// defaults and texts. Each element adds its own beside them.
+// session has them (roboflowuploadsink, and roboflowresultsrc for a camera
+// the server reads), with the same names, limits and texts. Each element adds
+// its own beside them. Two differ for roboflowresultsrc (see
+// `camera_session_properties`).
 
 use gst::glib;
 use gst::prelude::*;
@@ -100,6 +102,37 @@ pub fn session_properties() -> Vec<glib::ParamSpec> {
             .mutable_ready()
             .build(),
     ]
+}
+
+/// The session's properties as roboflowresultsrc has them: a camera is live,
+/// so realtime processing is on by default (as in Roboflow's SDK, and the
+/// only way the server reads RTSP); `connect-timeout` also bounds the wait
+/// for a roboflowuploadsink when the source reads another element's session.
+pub fn camera_session_properties() -> Vec<glib::ParamSpec> {
+    session_properties()
+        .into_iter()
+        .map(|pspec| match pspec.name() {
+            "realtime-processing" => glib::ParamSpecBoolean::builder("realtime-processing")
+                .nick("Realtime processing")
+                .blurb("With source-url: the server reads the camera in real time and skips the frames it has no time for (false: every frame, in order; MJPEG only, the server cannot read RTSP that way)")
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            "connect-timeout" => ms_property(
+                "connect-timeout",
+                "Connect timeout",
+                "Milliseconds allowed to set up the session with source-url (the server's answer, ICE and data channels); with session, to wait for a roboflowuploadsink of that session to start",
+                1,
+                config::DEFAULT_CONNECT_TIMEOUT_MS,
+            ),
+            _ => pspec,
+        })
+        .collect()
+}
+
+/// Settings with roboflowresultsrc's defaults (see `camera_session_properties`).
+pub fn camera_settings() -> UploadSettings {
+    UploadSettings { realtime_processing: true, ..UploadSettings::default() }
 }
 
 /// Sets `name` if it is a session property; false if it is not one.

@@ -9,6 +9,7 @@ use url::Url;
 
 use crate::protocol::live::LiveCodec;
 
+use super::camera::CameraSource;
 use super::{ApiKeyTransport, IceServer, VideoTransport, WorkflowSource};
 
 /// Everything a session needs, validated.
@@ -50,6 +51,9 @@ pub struct SessionConfig {
     /// Live video in: the track's codec. None: a file upload. Decided by
     /// the sink's caps, once the session starts.
     pub live: Option<LiveCodec>,
+    /// A camera the server reads (roboflowresultsrc's source-url): no
+    /// upload, no track of ours.
+    pub camera: Option<CameraSource>,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -62,6 +66,7 @@ impl std::fmt::Debug for SessionConfig {
             .field("data_output", &self.data_output)
             .field("udp_bind_address", &self.udp_bind_address)
             .field("live", &self.live)
+            .field("camera", &self.camera)
             .finish_non_exhaustive()
     }
 }

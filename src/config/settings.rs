@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::camera::{CameraKind, CameraSource};
 use super::network::{self, AUTO_SCTP_MTU};
 use super::workflow::{self, DEFAULT_TASK_TYPE};
 use super::{ConfigError, DEFAULT_IMAGE_INPUT_NAME, SessionConfig, config_error, non_empty};
@@ -100,6 +101,12 @@ impl VideoCodec {
     }
 }
 
+/// Why an RTSP camera needs realtime processing (checked on Roboflow
+/// Inference Server 1.8.3, PROTOCOL.md §11).
+pub const RTSP_NEEDS_REALTIME: &str = "an RTSP camera needs realtime-processing=true: without it the server reads RTSP \
+     with its own decoder thread, which stops at the first frame that has no timestamp, and FFmpeg gives the \
+     first frame of an RTSP stream none, so the session would end after 0 results";
+
 /// Frames sent whose result has not come back, by default: one being
 /// processed and one waiting, so the server never idles and never queues.
 pub const DEFAULT_MAX_FRAMES_IN_FLIGHT: u32 = 2;
@@ -145,6 +152,8 @@ pub struct UploadSettings {
     pub video_codec: VideoCodec,
     /// Live video: frames sent whose result has not come back.
     pub max_frames_in_flight: u32,
+    /// roboflowresultsrc: a camera the server reads (no upload).
+    pub source_url: Option<String>,
 }
 
 impl std::fmt::Debug for UploadSettings {
@@ -157,6 +166,7 @@ impl std::fmt::Debug for UploadSettings {
             .field("model_id", &self.model_id)
             .field("video_transport", &self.video_transport)
             .field("session", &self.session)
+            .field("source_url", &self.source_url.as_deref().and_then(|url| CameraSource::parse(url).ok()))
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +211,7 @@ impl Default for UploadSettings {
             session: None,
             video_codec: VideoCodec::Vp8,
             max_frames_in_flight: DEFAULT_MAX_FRAMES_IN_FLIGHT,
+            source_url: None,
         }
     }
 }
@@ -281,6 +292,11 @@ impl UploadSettings {
             ));
         }
 
+        let camera = non_empty(&self.source_url).map(CameraSource::parse).transpose()?;
+        if camera.as_ref().is_some_and(|camera| camera.kind == CameraKind::Rtsp) && !self.realtime_processing {
+            return Err(config_error("realtime-processing", RTSP_NEEDS_REALTIME));
+        }
+
         let ice_servers = network::parse_ice_servers(&self.ice_servers)?;
         let udp_bind_address = network::udp_bind_address(&self.udp_bind_address, &api_url)?;
         let sctp_mtu = network::sctp_mtu(self.sctp_mtu, udp_bind_address, &ice_servers);
@@ -322,6 +338,7 @@ impl UploadSettings {
             video_codec: self.video_codec.live_codec(),
             max_frames_in_flight: self.max_frames_in_flight,
             live: None,
+            camera,
         })
     }
 }

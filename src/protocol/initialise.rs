@@ -35,9 +35,16 @@ pub struct InitialiseRequest {
     pub requested_plan: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requested_region: Option<String>,
-    /// True for a file upload on `video_upload`; left out for live video.
+    /// True for a file upload on `video_upload`; left out for live video
+    /// and for a camera the server reads.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub video_file_upload: bool,
+    /// A camera the server reads over RTSP (§11); may hold credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtsp_url: Option<String>,
+    /// A camera the server reads as MJPEG over HTTP (§11); may hold credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mjpeg_url: Option<String>,
 }
 
 impl InitialiseRequest {
@@ -62,6 +69,8 @@ impl InitialiseRequest {
             requested_plan: None,
             requested_region: None,
             video_file_upload: true,
+            rtsp_url: None,
+            mjpeg_url: None,
         }
     }
 }
@@ -84,6 +93,8 @@ impl fmt::Debug for InitialiseRequest {
             .field("requested_plan", &self.requested_plan)
             .field("requested_region", &self.requested_region)
             .field("video_file_upload", &self.video_file_upload)
+            .field("rtsp_url", &self.rtsp_url.as_ref().map(|_| "<redacted>"))
+            .field("mjpeg_url", &self.mjpeg_url.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -317,6 +328,8 @@ mod tests {
             requested_plan: Some("webrtc-gpu-small".to_owned()),
             requested_region: Some("us".to_owned()),
             video_file_upload: true,
+            rtsp_url: None,
+            mjpeg_url: None,
         };
         let text = serde_json::to_string(&request).unwrap();
         let expected = concat!(
@@ -334,6 +347,16 @@ mod tests {
             r#""video_file_upload":true}"#
         );
         assert_eq!(text, expected);
+
+        // A camera the server reads: its URL, no upload.
+        let camera = InitialiseRequest {
+            video_file_upload: false,
+            rtsp_url: Some("rtsp://user:pw@cam/s".to_owned()),
+            ..request.clone()
+        };
+        let text = serde_json::to_string(&camera).unwrap();
+        assert!(text.ends_with(r#""requested_region":"us","rtsp_url":"rtsp://user:pw@cam/s"}"#), "{text}");
+        assert!(!format!("{camera:?}").contains("pw@"), "Debug shows no camera credentials");
 
         let versioned = WorkflowConfiguration::from_stored("w", "f", Some("3".to_owned()));
         assert_eq!(

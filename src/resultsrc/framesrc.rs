@@ -102,6 +102,9 @@ pub struct Shared {
     pub session: Arc<Mutex<Option<SessionProbe>>>,
     /// The claim on the session's results, made when the bin went to READY.
     pub claim: Arc<Mutex<Option<Claim>>>,
+    /// With source-url: the bin's own session on a camera, started when it
+    /// went to PAUSED, until the frame source takes it.
+    pub camera: Arc<Mutex<Option<ResultStream>>>,
     /// The bin that posts the messages, set by roboflowresultsrc.
     pub owner: Arc<Mutex<Option<glib::WeakRef<gst::Element>>>>,
 }
@@ -162,6 +165,9 @@ struct Attached {
     /// The track is drained or gone: what the pairing holds goes out.
     track_done: bool,
     ended: bool,
+    /// A camera: running time minus the server's pts, fixed at the first
+    /// result, so that frames leave on the pipeline's clock.
+    timeline: Option<i128>,
 }
 
 enum State {
@@ -377,19 +383,32 @@ impl FrameSrc {
 
     fn attach(&self) -> Result<Attached, Stop> {
         let params = self.params.lock().unwrap().clone();
-        let claim = self.shared.lock().unwrap().claim.lock().unwrap().take();
-        let Some(mut claim) = claim else {
-            return Err(Stop::failed("property 'session': name the roboflowuploadsink session to read results from".to_owned()));
+        let (claim, camera) = {
+            let shared = self.shared.lock().unwrap();
+            (shared.claim.lock().unwrap().take(), shared.camera.lock().unwrap().take())
         };
-        let name = claim.name().to_owned();
-        let limit = params.attach_timeout;
-        gst::info!(CAT, imp = self, "waiting up to {limit:?} for session '{name}'");
-        let stream = self.wait(Some(limit), String::new, claim.stream()).ok().flatten().ok_or_else(|| {
-            Stop::failed(format!(
-                "no roboflowuploadsink with session '{name}' started within {:.1} s (connect-timeout of roboflowresultsrc)",
-                limit.as_secs_f64()
-            ))
-        })?;
+        let stream = match (camera, claim) {
+            // The bin's own session: its failures (the server cannot open
+            // the camera, no connection) come with its first result.
+            (Some(stream), _) => stream,
+            (None, Some(mut claim)) => {
+                let name = claim.name().to_owned();
+                let limit = params.attach_timeout;
+                gst::info!(CAT, imp = self, "waiting up to {limit:?} for session '{name}'");
+                self.wait(Some(limit), String::new, claim.stream()).ok().flatten().ok_or_else(|| {
+                    Stop::failed(format!(
+                        "no roboflowuploadsink with session '{name}' started within {:.1} s (connect-timeout of roboflowresultsrc)",
+                        limit.as_secs_f64()
+                    ))
+                })?
+            }
+            (None, None) => {
+                return Err(Stop::failed(
+                    "set 'source-url' (a camera the server reads) or 'session' (the roboflowuploadsink session to read results from)".to_owned(),
+                ));
+            }
+        };
+        let name = stream.name().to_owned();
         let link = SessionLink::take(stream, u64::from(params.max_queued_frames));
         let output = link.settings.output.clone();
         {
@@ -408,6 +427,7 @@ impl FrameSrc {
             draining: false,
             track_done: false,
             ended: false,
+            timeline: None,
         })
     }
 
@@ -494,7 +514,7 @@ impl FrameSrc {
         )?;
         match event {
             Ok(ResultEvent::Frame(frame)) => {
-                let result = self.on_frame(&frame);
+                let result = self.on_frame(attached, &frame);
                 Ok(Some((frame, result)))
             }
             Ok(ResultEvent::Complete { frames, .. }) => {
@@ -507,17 +527,37 @@ impl FrameSrc {
     }
 
     /// Counts and posts a frame's result; returns what rides on its video.
-    fn on_frame(&self, frame: &FrameEvent) -> Option<ResultMeta> {
+    fn on_frame(&self, attached: &mut Attached, frame: &FrameEvent) -> Option<ResultMeta> {
         let shared = self.shared.lock().unwrap().clone();
         shared.counters.frames_received.fetch_add(1, Ordering::Relaxed);
-        let structure = crate::bus::inference_structure(frame);
-        let result = ResultMeta::from_structure(&structure)
-            .map(|result| ResultMeta { source_pts: frame.live.as_ref().and(frame.source_pts_ns()), ..result });
+        let mut structure = crate::bus::inference_structure(frame);
+        let source_pts = if attached.link.settings.camera {
+            // The frame's buffer and its message carry the same PTS.
+            let pts = self.camera_pts(attached, frame);
+            structure.set("pts", pts.map(gst::ClockTime::from_nseconds));
+            pts
+        } else {
+            frame.live.as_ref().and(frame.source_pts_ns())
+        };
+        let result = ResultMeta::from_structure(&structure).map(|result| ResultMeta { source_pts, ..result });
         if let Some(owner) = self.owner() {
             let message = gst::message::Element::builder(structure).src(&owner).build();
             let _ = owner.post_message(message);
         }
         result
+    }
+
+    /// A camera's frame on the pipeline's clock: the server's pts (counted
+    /// from the first frame it read) moved so that the first result leaves
+    /// at the running time it arrived; a syncing sink then plays the camera
+    /// at its own pace, `latency` behind.
+    fn camera_pts(&self, attached: &mut Attached, frame: &FrameEvent) -> Option<u64> {
+        let pts = i128::from(frame.pts_ns()?);
+        let offset = *attached.timeline.get_or_insert_with(|| {
+            let now = self.obj().current_running_time().map_or(0, gst::ClockTime::nseconds);
+            i128::from(now) - pts
+        });
+        u64::try_from(pts + offset).ok()
     }
 
     fn jpeg_buffer(&self, frame: &FrameEvent, output: &str, result: Option<&ResultMeta>) -> Option<gst::Buffer> {
@@ -527,7 +567,8 @@ impl FrameSrc {
         let mut buffer = gst::Buffer::from_mut_slice(bytes);
         {
             let buffer = buffer.get_mut().unwrap();
-            buffer.set_pts(frame.source_pts_ns().map(gst::ClockTime::from_nseconds));
+            let pts = result.and_then(|result| result.source_pts).or_else(|| frame.source_pts_ns());
+            buffer.set_pts(pts.map(gst::ClockTime::from_nseconds));
             buffer.set_offset(frame.frame_id);
             // The frame's result travels on the frame itself, through the
             // decoder and whatever follows (the meta has no tags, so
@@ -568,7 +609,7 @@ impl FrameSrc {
         let now = Instant::now();
         match input {
             Input::Event(Ok(ResultEvent::Frame(frame))) => {
-                let result = self.on_frame(&frame);
+                let result = self.on_frame(attached, &frame);
                 gst::trace!(CAT, "json {} pts {:?}", frame.frame_id, frame.pts_ns());
                 if let Some(pts) = frame.pts_ns() {
                     // In the map before the pairing can release the frame.
@@ -663,10 +704,18 @@ pub fn acks_sent(shared: &Shared) -> u64 {
     shared.session.lock().unwrap().as_ref().map_or(0, |session| session.stats().acks_sent)
 }
 
+/// Frames the server processed whose result never came (a camera: those
+/// before the results channel opened).
+pub fn results_missed(shared: &Shared) -> u64 {
+    shared.session.lock().unwrap().as_ref().map_or(0, |session| session.stats().results_missed)
+}
+
 /// What the source needs to know of the session it reads.
 struct SessionSettings {
     output: Output,
     realtime: bool,
+    /// A camera the server reads: frames go on the pipeline's clock.
+    camera: bool,
     stall_timeout: Duration,
     declared_fps: Option<f64>,
 }
@@ -705,6 +754,7 @@ impl SessionLink {
         let settings = SessionSettings {
             output,
             realtime: config.realtime_processing,
+            camera: config.camera.is_some(),
             stall_timeout: config.stall_timeout,
             declared_fps: config.declared_fps,
         };

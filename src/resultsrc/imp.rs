@@ -12,6 +12,7 @@
 // frame carries its result's exact pts, and the tail looks the result up
 // (the frame source held the frame's packets until the result was there).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -22,7 +23,8 @@ use gst::subclass::prelude::*;
 
 use super::META_NAME;
 use super::framesrc::{self, CAT, DEFAULT_MAX_QUEUED_FRAMES, FrameSrcElement, Params, Shared};
-use crate::session::registry;
+use crate::config::{self, UploadSettings};
+use crate::session::{self, registry};
 /// Bound of the packet queue in track transport (about 4 s of 720p video).
 const TRACK_QUEUE_BYTES: u32 = 8 << 20;
 
@@ -33,6 +35,10 @@ pub struct ResultSrc {
     ghost: gst::GhostPad,
     shared: Shared,
     params: Mutex<Params>,
+    /// The session properties, used with source-url.
+    settings: Mutex<UploadSettings>,
+    /// Session properties the user set (only source-url uses them).
+    explicit: Mutex<BTreeSet<String>>,
     decoder: Mutex<Vec<gst::Element>>,
 }
 
@@ -65,6 +71,8 @@ impl ObjectSubclass for ResultSrc {
             ghost,
             shared: Shared::default(),
             params: Mutex::new(Params::default()),
+            settings: Mutex::new(config::camera_settings()),
+            explicit: Mutex::new(BTreeSet::new()),
             decoder: Mutex::new(Vec::new()),
         }
     }
@@ -73,19 +81,20 @@ impl ObjectSubclass for ResultSrc {
 impl ObjectImpl for ResultSrc {
     fn properties() -> &'static [glib::ParamSpec] {
         static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
-            vec![
+            let mut properties = vec![
                 glib::ParamSpecString::builder("session")
                     .nick("Session")
-                    .blurb("Name of the roboflowuploadsink session whose results to output (its 'session' property)")
+                    .blurb("Name of the roboflowuploadsink session whose results to output (its 'session' property). Excludes source-url")
                     .mutable_ready()
                     .build(),
-                glib::ParamSpecUInt::builder("connect-timeout")
-                    .nick("Connect timeout")
-                    .blurb("Milliseconds to wait for a roboflowuploadsink with that session to start")
-                    .minimum(1)
-                    .default_value(crate::config::DEFAULT_CONNECT_TIMEOUT_MS)
+                glib::ParamSpecString::builder("source-url")
+                    .nick("Source URL")
+                    .blurb("A camera the server reads itself: rtsp:// or rtsps:// (RTSP), http:// or https:// (MJPEG). The element then runs a session of its own with the session properties below; no roboflowuploadsink. Credentials in the URL go to the server only: reading the property back shows the URL without them. Excludes session")
                     .mutable_ready()
                     .build(),
+            ];
+            properties.extend(config::camera_session_properties());
+            properties.extend([
                 glib::ParamSpecUInt::builder("max-queued-frames")
                     .nick("Max queued frames")
                     .blurb("Frames held for downstream; while full, acks stop and the server waits (realtime processing: the oldest are dropped)")
@@ -96,27 +105,39 @@ impl ObjectImpl for ResultSrc {
                     .build(),
                 glib::ParamSpecUInt::builder("latency")
                     .nick("Latency")
-                    .blurb("Milliseconds reported as this live source's latency: with live video, a sink that syncs renders each returned frame this long after its source PTS (frames whose result takes longer come late)")
+                    .blurb("Milliseconds reported as this live source's latency: with live video or a camera, a sink that syncs renders each returned frame this long after its timestamp (frames whose result takes longer come late)")
                     .default_value(framesrc::DEFAULT_LATENCY_MS)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops")
+                    .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops, results missed (processed by the server before the results channel opened)")
                     .read_only()
                     .build(),
-            ]
+            ]);
+            properties
         });
         PROPERTIES.as_ref()
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let name = pspec.name();
         let mut params = self.params.lock().unwrap();
-        match pspec.name() {
+        let mut settings = self.settings.lock().unwrap();
+        if name == "connect-timeout" {
+            // Both meanings: the session's set-up, or the wait for a sink.
+            let ms: u32 = value.get().expect("type checked upstream");
+            params.attach_timeout = Duration::from_millis(ms.into());
+            settings.connect_timeout_ms = ms;
+            return;
+        }
+        if config::set_session_property(&mut settings, name, value) {
+            self.explicit.lock().unwrap().insert(name.to_owned());
+            return;
+        }
+        match name {
             "session" => params.session = value.get().expect("type checked upstream"),
-            "connect-timeout" => {
-                params.attach_timeout = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into())
-            }
+            "source-url" => settings.source_url = value.get().expect("type checked upstream"),
             "max-queued-frames" => {
                 params.max_queued_frames = value.get().expect("type checked upstream");
                 self.queue.set_property("max-size-buffers", params.max_queued_frames);
@@ -127,13 +148,24 @@ impl ObjectImpl for ResultSrc {
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        if pspec.name() == "stats" {
+            return self.stats().to_value();
+        }
         let params = self.params.lock().unwrap();
+        let settings = self.settings.lock().unwrap();
+        if let Some(value) = config::session_property(&settings, pspec.name()) {
+            return value;
+        }
         match pspec.name() {
             "session" => params.session.to_value(),
-            "connect-timeout" => (params.attach_timeout.as_millis() as u32).to_value(),
+            // Never the credentials: the URL as shown in messages.
+            "source-url" => settings
+                .source_url
+                .as_deref()
+                .map(|url| config::CameraSource::parse(url).map(|camera| camera.shown()).unwrap_or_else(|_| "<invalid URL>".to_owned()))
+                .to_value(),
             "max-queued-frames" => params.max_queued_frames.to_value(),
             "latency" => (params.latency.as_millis() as u32).to_value(),
-            "stats" => self.stats().to_value(),
             name => unreachable!("unknown property {name}"),
         }
     }
@@ -165,7 +197,7 @@ impl ElementImpl for ResultSrc {
             gst::subclass::ElementMetadata::new(
                 "Roboflow result source",
                 "Source/Video/Network",
-                "Outputs the video a Roboflow Inference Server returns for a roboflowuploadsink session, with each frame's Workflow result as a RoboflowInferenceMeta and a roboflow-inference bus message",
+                "Outputs the video a Roboflow Inference Server returns, with each frame's Workflow result as a RoboflowInferenceMeta and a roboflow-inference bus message: for a roboflowuploadsink's session (session), or for a camera the server reads itself (source-url: RTSP or MJPEG)",
                 "gst-roboflow developers",
             )
         });
@@ -180,27 +212,25 @@ impl ElementImpl for ResultSrc {
     }
 
     fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
-        if transition == gst::StateChange::NullToReady {
-            let params = self.params.lock().unwrap().clone();
-            let Some(name) = params.session.clone().filter(|name| !name.trim().is_empty()) else {
-                gst::element_imp_error!(self, gst::LibraryError::Settings, ("property 'session': name the roboflowuploadsink session to read results from"));
-                return Err(gst::StateChangeError);
-            };
-            // From now on, a sink that starts this session hands its
-            // results to this source.
-            match registry::claim(&name) {
-                Ok(claim) => *self.shared.claim.lock().unwrap() = Some(claim),
-                Err(message) => {
-                    gst::element_imp_error!(self, gst::LibraryError::Settings, ("{}", message));
-                    return Err(gst::StateChangeError);
-                }
-            }
+        if transition == gst::StateChange::NullToReady
+            && let Err(message) = self.claim_results()
+        {
+            self.post_error_message(message);
+            return Err(gst::StateChangeError);
         }
         if transition == gst::StateChange::ReadyToPaused {
             *self.framesrc.imp().params.lock().unwrap() = self.params.lock().unwrap().clone();
             self.reset_counters();
+            if let Err(message) = self.start_camera_session() {
+                self.post_error_message(message);
+                return Err(gst::StateChangeError);
+            }
         }
         let result = self.parent_change_state(transition);
+        if transition == gst::StateChange::PausedToReady || (transition == gst::StateChange::ReadyToPaused && result.is_err()) {
+            // A camera session not taken by the frame source ends here.
+            self.shared.camera.lock().unwrap().take();
+        }
         if transition == gst::StateChange::PausedToReady {
             self.remove_decoder();
         }
@@ -216,6 +246,53 @@ impl ElementImpl for ResultSrc {
 impl BinImpl for ResultSrc {}
 
 impl ResultSrc {
+    /// NULL to READY: which results to output. With `session`, the claim on
+    /// them is made now, so that a sink starting later hands them here.
+    fn claim_results(&self) -> Result<(), gst::ErrorMessage> {
+        let session = self.params.lock().unwrap().session.clone().filter(|name| !name.trim().is_empty());
+        let camera = self.settings.lock().unwrap().source_url.clone().filter(|url| !url.trim().is_empty());
+        let settings_error = |text: String| gst::error_msg!(gst::LibraryError::Settings, ("{}", text));
+        match (session, camera) {
+            (Some(_), Some(_)) => Err(settings_error(
+                "properties 'session' and 'source-url' exclude each other: set 'session' to output the results of a roboflowuploadsink, or 'source-url' for a camera the server reads".to_owned(),
+            )),
+            (None, None) => Err(settings_error(
+                "set 'source-url' (a camera the server reads: rtsp://, rtsps://, http(s):// MJPEG) or 'session' (the roboflowuploadsink session whose results to output)".to_owned(),
+            )),
+            (None, Some(_)) => Ok(()),
+            (Some(name), None) => {
+                let explicit = self.explicit.lock().unwrap();
+                if !explicit.is_empty() {
+                    let names: Vec<&str> = explicit.iter().map(String::as_str).collect();
+                    return Err(settings_error(format!(
+                        "session properties of roboflowresultsrc apply only with source-url ({}): the session '{name}' is the roboflowuploadsink's, set them there",
+                        names.join(", ")
+                    )));
+                }
+                // From now on, a sink that starts this session hands its
+                // results to this source.
+                let claim = registry::claim(&name).map_err(|error| settings_error(error.to_string()))?;
+                *self.shared.claim.lock().unwrap() = Some(claim);
+                Ok(())
+            }
+        }
+    }
+
+    /// READY to PAUSED with source-url: the session starts connecting now
+    /// (the server's worker takes seconds), the frame source reads it.
+    fn start_camera_session(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        if settings.source_url.as_deref().is_none_or(|url| url.trim().is_empty()) {
+            return Ok(());
+        }
+        let config = settings.validate().map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{}", err)))?;
+        let camera = config.camera.as_ref().map(|camera| camera.shown()).unwrap_or_default();
+        let name = session::default_name(&self.obj().name());
+        gst::info!(CAT, imp = self, "starting session '{name}' with {} on the camera {camera}", config.api_url);
+        *self.shared.camera.lock().unwrap() = Some(session::start_camera(name, config));
+        Ok(())
+    }
+
     fn reset_counters(&self) {
         let counters = &self.shared.counters;
         for counter in [
@@ -250,6 +327,7 @@ impl ResultSrc {
             .field("max-queue-depth", counters.max_queue_depth.load(Ordering::Relaxed))
             .field("frames-dropped", dropped)
             .field("track-packets-dropped", packets_dropped)
+            .field("results-missed", framesrc::results_missed(&self.shared))
             .build()
     }
 

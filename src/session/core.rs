@@ -205,6 +205,10 @@ pub struct SessionStats {
     pub frames_in_flight: u64,
     pub results_unpaired: u64,
     pub keyframe_requests: u64,
+    /// Frames the server processed whose result never came: gaps in its
+    /// frame count. A camera the server reads loses those processed before
+    /// the `inference` channel opened (§11).
+    pub results_missed: u64,
 }
 
 /// The settings the core acts on, taken from the session's configuration.
@@ -216,6 +220,8 @@ struct Settings {
     keepalive_interval: Duration,
     realtime: bool,
     stall_timeout: Duration,
+    /// A camera the server reads, as shown: nothing to upload.
+    camera: Option<String>,
 }
 
 /// Live video: the frames sent and their results.
@@ -249,6 +255,9 @@ pub struct SessionCore {
     live: Option<LiveCore>,
     /// Live video: frames the sink dropped (also while connecting).
     frames_dropped: u64,
+    /// The highest frame_id of a result so far, and the gaps below it.
+    last_frame_id: u64,
+    results_missed: u64,
 }
 
 impl SessionCore {
@@ -262,6 +271,7 @@ impl SessionCore {
                 keepalive_interval: config.keepalive_interval,
                 realtime: config.realtime_processing,
                 stall_timeout: config.stall_timeout,
+                camera: config.camera.as_ref().map(|camera| camera.shown()),
             },
             state: State::Connecting,
             failure: None,
@@ -282,6 +292,8 @@ impl SessionCore {
             disconnected_since: None,
             live: None,
             frames_dropped: 0,
+            last_frame_id: 0,
+            results_missed: 0,
         }
     }
 
@@ -327,6 +339,7 @@ impl SessionCore {
             frames_in_flight: self.live.as_ref().map_or(0, |live| live.pairing.in_flight()),
             keyframe_requests: self.live.as_ref().map_or(0, |live| live.keyframe_requests),
             results_unpaired: self.live.as_ref().map_or(0, |live| live.pairing.results_unpaired()),
+            results_missed: self.results_missed,
         }
     }
 
@@ -342,7 +355,8 @@ impl SessionCore {
         match input {
             Input::Connected => {
                 if self.state == State::Connecting {
-                    self.state = State::Connected;
+                    // A camera the server reads: nothing to send, results come.
+                    self.state = if self.settings.camera.is_some() { State::Receiving } else { State::Connected };
                 }
             }
             Input::ConnectFailed(error) | Input::Fail(error) => return Err(error),
@@ -542,12 +556,13 @@ impl SessionCore {
         })?;
         if result.processing_complete {
             if self.frames_received == 0 {
-                return Err(match &self.live {
-                    Some(live) => SessionError::NothingProcessed {
+                return Err(match (&self.live, &self.settings.camera) {
+                    (Some(live), _) => SessionError::NothingProcessed {
                         sent: live.pairing.frames_sent(),
                         reason: result.termination_reason,
                     },
-                    None => SessionError::NothingDecoded { reason: result.termination_reason },
+                    (None, Some(camera)) => SessionError::NothingRead { camera: camera.clone(), reason: result.termination_reason },
+                    (None, None) => SessionError::NothingDecoded { reason: result.termination_reason },
                 });
             }
             self.state = State::Complete;
@@ -559,8 +574,13 @@ impl SessionCore {
         }
         self.frames_received += 1;
         let metadata = result.video_metadata.as_ref();
+        let frame_id = metadata.and_then(|m| m.frame_id).unwrap_or(u64::from(completed.frame_id));
+        if frame_id > self.last_frame_id {
+            self.results_missed += frame_id - self.last_frame_id - 1;
+            self.last_frame_id = frame_id;
+        }
         Ok(Some(ResultEvent::Frame(Box::new(FrameEvent {
-            frame_id: metadata.and_then(|m| m.frame_id).unwrap_or(u64::from(completed.frame_id)),
+            frame_id,
             pts_seconds: metadata.and_then(|m| m.pts_seconds()),
             pts_90khz: metadata.and_then(|m| m.pts_90khz()),
             live: None,

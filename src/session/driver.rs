@@ -28,7 +28,7 @@ use webrtc::peer_connection::{
     SettingEngineBuilder, register_default_interceptors,
 };
 
-use crate::config::SessionConfig;
+use crate::config::{CameraKind, SessionConfig};
 use crate::protocol::live::LiveCodec;
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
 use crate::runtime::RUNTIME;
@@ -498,7 +498,8 @@ impl Shared {
         self.set_stage("waiting for the server's SDP answer");
         let answer_sdp = self
             .unless_closed(signalling::exchange(&config, offer.sdp, config.connect_timeout))
-            .await??;
+            .await?
+            .map_err(|error| camera_not_opened(&config, error))?;
         let answer =
             RTCSessionDescription::answer(answer_sdp).map_err(|err| SessionError::AnswerMalformed(err.to_string()))?;
         peer.set_remote_description(answer)
@@ -524,6 +525,11 @@ impl Shared {
             let session = self.clone();
             self.spawn(async move { session.read_track_feedback(local).await });
             *self.track_out_tx.lock().unwrap() = Some(track_tx);
+            return Ok(());
+        }
+
+        if config.camera.is_some() {
+            // The server reads the camera: nothing to send.
             return Ok(());
         }
 
@@ -781,6 +787,36 @@ pub fn random_u32() -> u32 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let hash = std::collections::hash_map::RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
     (hash >> 32) as u32
+}
+
+/// A camera the server reads: the server fails before its answer when it
+/// cannot open the URL, with nothing but "Internal error." (§11); say which
+/// URL, and what usually stops it.
+fn camera_not_opened(config: &SessionConfig, error: signalling::SignallingError) -> SessionError {
+    let Some(camera) = config.camera.as_ref() else { return error.into() };
+    let signalling::SignallingError::Refused { status, description, .. } = &error else { return error.into() };
+    if *status < 500 {
+        return error.into();
+    }
+    let hint = match camera.kind {
+        CameraKind::Rtsp => "it most likely could not open the URL: check that the server's host can reach it (the server \
+             connects over TCP with a 2 s timeout) and that the path and credentials are right"
+            .to_owned(),
+        CameraKind::Mjpeg if camera.is_non_global() => "the address is loopback or private, which the server refuses for \
+             MJPEG cameras unless it runs with WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=True; otherwise it could not \
+             open the URL (check that the server's host can reach it)"
+            .to_owned(),
+        CameraKind::Mjpeg => "it most likely could not open the URL: check that the server's host can reach it (HTTP, \
+             5 s timeout) and that it serves MJPEG (multipart/x-mixed-replace)"
+            .to_owned(),
+    };
+    SessionError::CameraNotOpened {
+        api_url: config.api_url.as_str().trim_end_matches('/').to_owned(),
+        kind: camera.kind.as_str(),
+        camera: camera.shown(),
+        description: description.clone(),
+        hint,
+    }
 }
 
 fn setup(what: &str, err: impl std::fmt::Display) -> SessionError {

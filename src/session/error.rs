@@ -107,6 +107,19 @@ pub enum SessionError {
     )]
     NothingProcessed { sent: u64, reason: Option<String> },
 
+    /// A camera the server reads: the server failed before answering, which
+    /// it does when it cannot open the URL (PROTOCOL.md §11; it says only
+    /// "Internal error.").
+    #[error("the server at {api_url} could not start a session on the {kind} camera {camera} ({description}): {hint}")]
+    CameraNotOpened { api_url: String, kind: &'static str, camera: String, description: String, hint: String },
+
+    /// A camera the server reads: processing_complete before any result.
+    #[error(
+        "the server read no frames from {camera} (processing_complete after 0 results{}); check that the URL serves video the server can decode",
+        reason.as_deref().map(|reason| format!(", termination_reason {reason}")).unwrap_or_default()
+    )]
+    NothingRead { camera: String, reason: Option<String> },
+
     /// The result consumer (the sink, or its roboflowresultsrc) let go before
     /// processing_complete: nobody reads the results any more.
     #[error("the results of session '{session}' are no longer read: {reader} stopped before processing_complete")]

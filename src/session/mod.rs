@@ -34,6 +34,17 @@ pub fn start(name: String, config: SessionConfig) -> Result<(UploadWriter, Optio
     Ok((UploadWriter::new(shared, alive), results))
 }
 
+/// Starts a session on a camera the server reads (the config's `camera`)
+/// and connects in the background. Nothing is uploaded: the result stream
+/// is its only end, and dropping it ends the session.
+pub fn start_camera(name: String, config: SessionConfig) -> ResultStream {
+    let (shared, receivers) = driver::Shared::start(name, config);
+    let alive = Arc::new(endpoints::Alive(shared.clone()));
+    let mut stream = ResultStream::new(shared, alive, receivers.results, receivers.track);
+    stream.set_reader(endpoints::Reader::ResultSource);
+    stream
+}
+
 /// Unique default session names.
 pub fn default_name(element_name: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
