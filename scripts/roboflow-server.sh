@@ -2,14 +2,18 @@
 # Installs (once) and runs a local Roboflow Inference Server 1.8.3 on loopback.
 #   scripts/roboflow-server.sh install|start|stop|status
 # Environment: ROBOFLOW_SERVER_PORT (9001), ROBOFLOW_SERVER_HOME (cache folder),
-#              ROBOFLOW_SERVER_WAIT (seconds to wait for /info, 300).
+#              ROBOFLOW_SERVER_WAIT (seconds to wait for /info, 300),
+#              ROBOFLOW_SERVER_MJPEG_LOCAL=1 to let the server read MJPEG
+#              cameras on loopback and private addresses (off by default, as
+#              in the server: WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES).
+# Servers on different ports run side by side, each with its own state.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 HOME_DIR="${ROBOFLOW_SERVER_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/gst-roboflow}"
 VENV="$HOME_DIR/venv"
-STATE="$HOME_DIR/server"
 PORT="${ROBOFLOW_SERVER_PORT:-9001}"
+if [ "$PORT" = 9001 ]; then STATE="$HOME_DIR/server"; else STATE="$HOME_DIR/server-$PORT"; fi
 WAIT="${ROBOFLOW_SERVER_WAIT:-300}"
 PIDFILE="$STATE/server.pid"
 LOG="$STATE/server.log"
@@ -65,6 +69,11 @@ start() {
         export OFFLINE_MODE=True DISABLE_VERSION_CHECK=True METRICS_ENABLED=False \
                WEBRTC_WORKER_ENABLED=True ROBOFLOW_ICE_LOOPBACK_ONLY=1 \
                PYTHONPATH="$HERE/server${PYTHONPATH:+:$PYTHONPATH}"
+        if [ "${ROBOFLOW_SERVER_MJPEG_LOCAL:-0}" = 1 ]; then
+            export WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=True
+        else
+            export WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=False
+        fi
         # Own process group, so stop can end the server and its workers.
         exec setsid "$VENV/bin/python" "$HERE/server/serve.py" --host 127.0.0.1 --port "$PORT"
     ) >>"$LOG" 2>&1 < /dev/null &

@@ -5,32 +5,53 @@
 #      tests against the in-repo test worker,
 #   3. end-to-end tests against the real Roboflow Inference Server 1.8.3,
 #      which this script installs (once) and starts on 127.0.0.1, and stops
-#      at the end whether the tests pass or fail.
-# Set ROBOFLOW_TEST_SERVER=http://host:port to use a server you run instead.
+#      at the end whether the tests pass or fail. A second server (port
+#      9002) runs with WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=True for the
+#      MJPEG camera test: the first keeps the server's default policy.
+# Set ROBOFLOW_TEST_SERVER=http://host:port (and ROBOFLOW_TEST_SERVER_MJPEG
+# for the second) to use servers you run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 mkdir -p target
+: > target/server-start.log
 
-server_started=""
+MJPEG_PORT=9002
+servers_started=""
 if [ -z "${ROBOFLOW_TEST_SERVER:-}" ]; then
-    if scripts/roboflow-server.sh status >/dev/null 2>&1; then
-        echo "== using the already running local server"
-    else
+    export ROBOFLOW_TEST_SERVER="http://127.0.0.1:9001"
+    export ROBOFLOW_TEST_SERVER_MJPEG="http://127.0.0.1:$MJPEG_PORT"
+    to_start=()
+    ROBOFLOW_SERVER_PORT=9001 scripts/roboflow-server.sh status >/dev/null 2>&1 || to_start+=(9001)
+    ROBOFLOW_SERVER_PORT=$MJPEG_PORT scripts/roboflow-server.sh status >/dev/null 2>&1 || to_start+=("$MJPEG_PORT")
+    if [ "${#to_start[@]}" -gt 0 ]; then
         # Install and start in the background: it overlaps with the build.
-        echo "== starting the local Roboflow Inference Server in the background"
-        ( scripts/roboflow-server.sh start > target/server-start.log 2>&1; echo $? > target/server-start.rc ) &
+        # One after the other: the first start installs the server.
+        echo "== starting the local Roboflow Inference Server(s) on port(s) ${to_start[*]} in the background"
+        (
+            rc=0
+            for port in "${to_start[@]}"; do
+                local_mjpeg=0
+                [ "$port" = "$MJPEG_PORT" ] && local_mjpeg=1
+                ROBOFLOW_SERVER_PORT=$port ROBOFLOW_SERVER_MJPEG_LOCAL=$local_mjpeg \
+                    scripts/roboflow-server.sh start >> target/server-start.log 2>&1 || rc=$?
+            done
+            echo "$rc" > target/server-start.rc
+        ) &
         server_start_pid=$!
-        server_started=yes
+        servers_started="${to_start[*]}"
+    else
+        echo "== using the already running local servers"
     fi
-    export ROBOFLOW_TEST_SERVER="http://127.0.0.1:${ROBOFLOW_SERVER_PORT:-9001}"
 fi
 
 cleanup() {
-    if [ -n "$server_started" ]; then
+    if [ -n "$servers_started" ]; then
         wait "${server_start_pid:-}" 2>/dev/null || true
-        scripts/roboflow-server.sh stop || true
+        for port in $servers_started; do
+            ROBOFLOW_SERVER_PORT=$port scripts/roboflow-server.sh stop || true
+        done
     fi
 }
 trap cleanup EXIT
@@ -59,8 +80,8 @@ echo "== cargo test"
 status=0
 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2 || status=$?
 
-echo "== end-to-end against the real server ($ROBOFLOW_TEST_SERVER)"
-if [ -n "$server_started" ]; then
+echo "== end-to-end against the real server ($ROBOFLOW_TEST_SERVER; MJPEG cameras: ${ROBOFLOW_TEST_SERVER_MJPEG:-not set})"
+if [ -n "$servers_started" ]; then
     wait "$server_start_pid" || true
     if [ "$(cat target/server-start.rc 2>/dev/null)" != 0 ]; then
         cat target/server-start.log
@@ -69,5 +90,5 @@ if [ -n "$server_started" ]; then
     fi
 fi
 # One job at a time: the server runs a worker process per session.
-cargo test --locked --test real_server --no-fail-fast -- --ignored --test-threads=1 || status=$?
+cargo test --locked --test real_server --test real_cameras --no-fail-fast -- --ignored --test-threads=1 || status=$?
 exit "$status"

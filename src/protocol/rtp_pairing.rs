@@ -379,23 +379,38 @@ impl<T> Default for ResultsByPts<T> {
     }
 }
 
+/// Results waiting for their decoded frame, at most: far more than a
+/// stalled decoder or a syncing sink holds back, yet bounded if the video
+/// stops while results go on.
+const MAX_PENDING_RESULTS: usize = 1024;
+
 impl<T> ResultsByPts<T> {
     pub fn insert(&mut self, pts_ns: u64, result: T) {
         self.pending.insert(pts_ns, result);
-        // Frames the codec dropped never pair: forget them.
-        let horizon = pts_ns.saturating_sub(RESULT_HORIZON.as_nanos() as u64);
-        self.pending = self.pending.split_off(&horizon);
+        if self.pending.len() > MAX_PENDING_RESULTS {
+            self.pending.pop_first();
+        }
     }
 
-    /// The result for video at `pts_ns`: exact, else nearest within tolerance.
+    /// The result for video at `pts_ns`: exact, else nearest within
+    /// tolerance. Frames come in pts order, so results left behind belong to
+    /// frames the codec dropped: they never pair and are forgotten. (Not by
+    /// a distance to the newest result: a decoder or a syncing sink may lag
+    /// the results by seconds under load.)
     pub fn take(&mut self, pts_ns: u64) -> Option<T> {
-        if let Some(result) = self.pending.remove(&pts_ns) {
-            return Some(result);
-        }
         let low = pts_ns.saturating_sub(self.tolerance_ns);
         let high = pts_ns.saturating_add(self.tolerance_ns);
-        let nearest = *self.pending.range(low..=high).min_by_key(|(key, _)| key.abs_diff(pts_ns))?.0;
-        self.pending.remove(&nearest)
+        let found = match self.pending.remove(&pts_ns) {
+            Some(result) => Some(result),
+            None => self
+                .pending
+                .range(low..=high)
+                .min_by_key(|(key, _)| key.abs_diff(pts_ns))
+                .map(|(key, _)| *key)
+                .and_then(|nearest| self.pending.remove(&nearest)),
+        };
+        self.pending = self.pending.split_off(&low);
+        found
     }
 
     pub fn len(&self) -> usize {
@@ -797,11 +812,17 @@ mod tests {
     }
 
     #[test]
-    fn results_by_pts_forget_results_far_behind_the_newest() {
+    fn results_by_pts_wait_for_a_lagging_frame_and_forget_those_left_behind() {
         let mut results = ResultsByPts::default();
         results.insert(0, "dropped by the codec");
-        results.insert(3_000_000_000, "recent");
-        assert_eq!(results.len(), 1);
-        assert_eq!(results.take(3_000_000_000), Some("recent"));
+        results.insert(1_000_000_000, "lagging");
+        results.insert(9_000_000_000, "newest");
+        assert_eq!(results.len(), 3, "a frame 9 s behind the newest result still finds its own");
+        assert_eq!(results.take(1_000_000_000), Some("lagging"));
+        assert_eq!(results.len(), 1, "the result of the frame the codec dropped is forgotten");
+        for pts in 0..(MAX_PENDING_RESULTS as u64 + 10) {
+            results.insert(10_000_000_000 + pts, "more");
+        }
+        assert_eq!(results.len(), MAX_PENDING_RESULTS, "bounded when no video comes");
     }
 }

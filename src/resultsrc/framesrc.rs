@@ -22,7 +22,7 @@ use gst_base::subclass::prelude::*;
 use tokio::sync::mpsc;
 
 use super::META_NAME;
-use crate::config::VideoTransport;
+use crate::config::{CameraKind, VideoTransport};
 use crate::protocol::find_image;
 use crate::protocol::rtp_pairing::{DEFAULT_HOLD, Released, ResultsByPts, TrackPairing, VIDEO_CLOCK_RATE};
 use crate::runtime::Waits;
@@ -98,6 +98,8 @@ pub struct Shared {
     pub results: Arc<Mutex<ResultsByPts<ResultMeta>>>,
     /// The session processes in realtime: no acks, the queue leaks.
     pub realtime: Arc<AtomicBool>,
+    /// A track decoder runs: downstream QoS does not reach it.
+    pub hide_qos: Arc<AtomicBool>,
     /// The attached session, for the counts it keeps (acks, track packets dropped).
     pub session: Arc<Mutex<Option<SessionProbe>>>,
     /// The claim on the session's results, made when the bin went to READY.
@@ -165,8 +167,8 @@ struct Attached {
     /// The track is drained or gone: what the pairing holds goes out.
     track_done: bool,
     ended: bool,
-    /// A camera: running time minus the server's pts, fixed at the first
-    /// result, so that frames leave on the pipeline's clock.
+    /// A camera: RTSP: running time minus the server's pts, fixed at the
+    /// first result; MJPEG: the last PTS given (see `camera_pts`).
     timeline: Option<i128>,
 }
 
@@ -482,7 +484,11 @@ impl FrameSrc {
             if !attached.caps_sent {
                 // A second frame tells the frame rate, which the caps carry.
                 let next = if attached.ended { None } else { self.next_event(attached)? };
-                let fps = frame_rate(attached.link.settings.declared_fps, &frame, next.as_ref().map(|(frame, _)| frame.as_ref()));
+                let fps = match attached.link.settings.camera {
+                    // Its pts step is FFmpeg's nominal 25 fps, not the camera's.
+                    Some(CameraKind::Mjpeg) => attached.link.settings.declared_fps.map_or(gst::Fraction::new(0, 1), fraction),
+                    _ => frame_rate(attached.link.settings.declared_fps, &frame, next.as_ref().map(|(frame, _)| frame.as_ref())),
+                };
                 attached.held = next;
                 self.announce(gst::Caps::builder("image/jpeg").field("framerate", fps).build())?;
                 attached.caps_sent = true;
@@ -531,7 +537,7 @@ impl FrameSrc {
         let shared = self.shared.lock().unwrap().clone();
         shared.counters.frames_received.fetch_add(1, Ordering::Relaxed);
         let mut structure = crate::bus::inference_structure(frame);
-        let source_pts = if attached.link.settings.camera {
+        let source_pts = if attached.link.settings.camera.is_some() {
             // The frame's buffer and its message carry the same PTS.
             let pts = self.camera_pts(attached, frame);
             structure.set("pts", pts.map(gst::ClockTime::from_nseconds));
@@ -547,17 +553,30 @@ impl FrameSrc {
         result
     }
 
-    /// A camera's frame on the pipeline's clock: the server's pts (counted
-    /// from the first frame it read) moved so that the first result leaves
-    /// at the running time it arrived; a syncing sink then plays the camera
-    /// at its own pace, `latency` behind.
+    /// A camera's frame on the pipeline's clock, so that a syncing sink
+    /// plays it `latency` after it arrived:
+    /// - RTSP: the server's pts (the camera's own clock, counted from the
+    ///   first frame the server read), moved so that the first result
+    ///   leaves at the running time it arrived: the camera's pace, no jitter;
+    /// - MJPEG: the running time the result arrived: the server numbers an
+    ///   MJPEG stream's frames at FFmpeg's nominal 25 fps whatever the
+    ///   camera's rate, so its pts is no clock.
     fn camera_pts(&self, attached: &mut Attached, frame: &FrameEvent) -> Option<u64> {
-        let pts = i128::from(frame.pts_ns()?);
-        let offset = *attached.timeline.get_or_insert_with(|| {
-            let now = self.obj().current_running_time().map_or(0, gst::ClockTime::nseconds);
-            i128::from(now) - pts
-        });
-        u64::try_from(pts + offset).ok()
+        let now = i128::from(self.obj().current_running_time().map_or(0, gst::ClockTime::nseconds));
+        let pts = match attached.link.settings.camera {
+            Some(CameraKind::Rtsp) => {
+                let pts = i128::from(frame.pts_ns()?);
+                pts + *attached.timeline.get_or_insert(now - pts)
+            }
+            _ => {
+                // Strictly increasing, whatever the clock's resolution.
+                let previous = attached.timeline.unwrap_or(-1);
+                let pts = now.max(previous + 1);
+                attached.timeline = Some(pts);
+                pts
+            }
+        };
+        u64::try_from(pts).ok()
     }
 
     fn jpeg_buffer(&self, frame: &FrameEvent, output: &str, result: Option<&ResultMeta>) -> Option<gst::Buffer> {
@@ -715,7 +734,7 @@ struct SessionSettings {
     output: Output,
     realtime: bool,
     /// A camera the server reads: frames go on the pipeline's clock.
-    camera: bool,
+    camera: Option<CameraKind>,
     stall_timeout: Duration,
     declared_fps: Option<f64>,
 }
@@ -754,7 +773,7 @@ impl SessionLink {
         let settings = SessionSettings {
             output,
             realtime: config.realtime_processing,
-            camera: config.camera.is_some(),
+            camera: config.camera.as_ref().map(|camera| camera.kind),
             stall_timeout: config.stall_timeout,
             declared_fps: config.declared_fps,
         };

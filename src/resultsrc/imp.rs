@@ -332,6 +332,20 @@ impl ResultSrc {
     }
 
     fn install_probes(&self) {
+        // QoS from downstream stops at the tail while a track decoder runs
+        // (see plug_decoder).
+        let hide_qos = self.shared.hide_qos.clone();
+        self.tail.static_pad("sink").unwrap().add_probe(gst::PadProbeType::EVENT_UPSTREAM, move |_, info| {
+            match &info.data {
+                Some(gst::PadProbeData::Event(event))
+                    if event.type_() == gst::EventType::Qos && hide_qos.load(Ordering::Relaxed) =>
+                {
+                    gst::PadProbeReturn::Drop
+                }
+                _ => gst::PadProbeReturn::Ok,
+            }
+        });
+
         // Frames leaving the bounded queue.
         let counters = self.shared.counters.clone();
         self.queue.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
@@ -411,6 +425,11 @@ impl ResultSrc {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The track's frames carry the server's pts until the tail gives
+        // each its own (the source buffer's, or the camera's on the pipeline
+        // clock): a sink's QoS, measured on those, would have the decoder
+        // drop nearly every frame as late (vp8dec does even with qos=false).
+        self.shared.hide_qos.store(structure.name() == "application/x-rtp", Ordering::Relaxed);
         // A decoded track frame carries its result's exact pts; half a
         // frame of slack covers a decoder that rounds it.
         let fps = structure.get::<gst::Fraction>("framerate").ok().filter(|f| f.numer() > 0);
