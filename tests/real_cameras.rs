@@ -1,0 +1,226 @@
+// Cameras the real Roboflow Inference Server 1.8.3 reads itself (PROTOCOL.md
+// §11), through roboflowresultsrc's source-url, with loopback test cameras.
+//
+// #[ignore]d in a plain `cargo test`: scripts/test.sh starts the servers and
+// runs them with --ignored, one at a time. ROBOFLOW_TEST_SERVER keeps the
+// server's default policy (MJPEG on loopback refused);
+// ROBOFLOW_TEST_SERVER_MJPEG runs with WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cameras::{MjpegCamera, RtspCamera};
+use common::harness::*;
+use common::live::{index_of, rgb_color};
+use gst::prelude::*;
+
+const LIMIT: Duration = Duration::from_secs(240);
+const WIDTH: u32 = 320;
+const HEIGHT: u32 = 240;
+const PASSWORD: &str = "real-pa55-secret";
+
+fn server(variable: &str) -> String {
+    std::env::var(variable).unwrap_or_else(|_| {
+        panic!("{variable} is not set: scripts/test.sh starts the servers and sets it (see its header)")
+    })
+}
+
+fn workflow(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows").join(name)
+}
+
+/// roboflowresultsrc on `url` with the blur + dominant colour Workflow:
+/// `rgb_color` tells which camera frame the server processed.
+fn camera_pipeline(api_url: &str, url: &str, extra: &str) -> gst::Pipeline {
+    launch(&format!(
+        "roboflowresultsrc name=src source-url=\"{url}\" api-url={api_url} api-key=offline-test-key \
+         connect-timeout=120000 stall-timeout=60000 workflow-spec-file={} data-output=rgb_color stream-output=blurred {extra} \
+         ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
+        workflow("blur-dominant-color.json").display()
+    ))
+}
+
+/// (pts, has its result) of each buffer out of the source.
+type Frames = Arc<Mutex<Vec<(Option<gst::ClockTime>, bool)>>>;
+
+fn collect(pipeline: &gst::Pipeline) -> Frames {
+    let frames: Frames = Arc::default();
+    let record = frames.clone();
+    let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |sink| {
+                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                let buffer = sample.buffer().unwrap();
+                let paired = gst::meta::CustomMeta::from_buffer(buffer, gstroboflow::META_NAME).is_ok();
+                record.lock().unwrap().push((buffer.pts(), paired));
+                Ok(gst::FlowSuccess::Ok)
+            })
+            .build(),
+    );
+    frames
+}
+
+/// The camera frame each result's dominant colour tells, in order.
+fn result_indices(outcome: &Outcome) -> Vec<u64> {
+    outcome
+        .named("roboflow-inference")
+        .iter()
+        .map(|message| {
+            let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
+            let rgb = rgb_color(&json).unwrap_or_else(|| panic!("no rgb_color in {json}"));
+            index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"))
+        })
+        .collect()
+}
+
+fn summary(outcome: &Outcome) -> gst::Structure {
+    outcome.named("roboflow-result-summary").first().map(|s| (*s).clone()).expect("a roboflow-result-summary message")
+}
+
+fn stat(structure: &gst::Structure, name: &str) -> u64 {
+    structure.get::<u64>(name).unwrap_or_else(|_| panic!("no {name} in {structure}"))
+}
+
+/// Runs `pipeline` and returns the outcome and the time from the camera's
+/// last frame to the EOS.
+fn run_camera(pipeline: &gst::Pipeline, camera_ended: impl Fn() -> Option<Instant>) -> (Outcome, Option<Duration>) {
+    let mut eos_at = None;
+    let outcome = run_with(pipeline, LIMIT, |_, message| {
+        if let gst::MessageView::Eos(_) = message.view() {
+            eos_at = Some(Instant::now());
+        }
+        false
+    });
+    let after_end = match (camera_ended(), eos_at) {
+        (Some(ended), Some(eos)) => Some(eos.saturating_duration_since(ended)),
+        _ => None,
+    };
+    (outcome, after_end)
+}
+
+/// The issue's goal: 300 frames at 15 fps, at least 99 % of the frames after
+/// the first result, EOS within 5 s of the stream's end; every result in
+/// order, the server's processed frames all accounted for.
+fn rtsp_camera(transport: &str) {
+    init();
+    let frames = 300u64;
+    let camera = RtspCamera::start(frames as u32, 15, WIDTH, HEIGHT);
+    let url = camera.url_with_credentials("admin", PASSWORD);
+    let pipeline = camera_pipeline(&server("ROBOFLOW_TEST_SERVER"), &url, &format!("video-transport={transport}"));
+    let received = collect(&pipeline);
+    let (outcome, after_end) = run_camera(&pipeline, || camera.finished_at());
+    assert!(outcome.eos, "EOS when the camera's stream ends: {:?}", outcome.error);
+
+    let indices = result_indices(&outcome);
+    assert!(indices.windows(2).all(|w| w[0] < w[1]), "camera frames in order, each once: {indices:?}");
+    let first = *indices.first().expect("results");
+    let after_first = frames - first;
+    let share = indices.len() as f64 / after_first as f64;
+    let summary = summary(&outcome);
+    eprintln!(
+        "{transport}: {} results of {frames} frames; first result: frame {first} ({} processed before the results channel opened); \
+         {:.1} % of the frames after it; EOS {after_end:?} after the camera's last frame; {summary}",
+        indices.len(),
+        stat(&summary, "results-missed"),
+        share * 100.0
+    );
+    assert!(share >= 0.99, "{} of the {after_first} frames from the first result on: {indices:?}", indices.len());
+    let after_end = after_end.expect("the camera finished and EOS came");
+    assert!(after_end < Duration::from_secs(5), "EOS {after_end:?} after the camera's last frame");
+
+    let received = received.lock().unwrap();
+    assert!(received.iter().all(|(pts, paired)| pts.is_some() && *paired), "every frame out carries its result and a PTS");
+    assert!(received.windows(2).all(|w| w[0].0 < w[1].0), "PTS increase");
+    assert!(received.len() + 3 >= indices.len(), "the returned video: {} frames for {} results", received.len(), indices.len());
+    for message in &outcome.messages {
+        assert!(!message.to_string().contains(PASSWORD), "a message shows the camera's password: {message}");
+    }
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn rtsp_camera_realtime_returns_nearly_every_frame_and_ends_with_the_stream() {
+    rtsp_camera("datachannel");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn rtsp_camera_over_a_returned_track() {
+    rtsp_camera("track");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn an_unreachable_rtsp_camera_is_an_error_naming_it_within_60_s() {
+    init();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("rtsp://admin:{PASSWORD}@127.0.0.1:{closed}/cam");
+    let started = Instant::now();
+    let outcome = run(&camera_pipeline(&server("ROBOFLOW_TEST_SERVER"), &url, ""), LIMIT);
+    let took = started.elapsed();
+    let error = outcome.error.expect("an ERROR, not a silent end");
+    eprintln!("after {took:?}: {error}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert!(error.contains(&format!("rtsp://127.0.0.1:{closed}/cam")), "{error}");
+    assert!(!error.contains(PASSWORD), "{error}");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn mjpeg_on_loopback_is_refused_by_the_servers_default_and_the_error_says_so() {
+    init();
+    let camera = MjpegCamera::start(30, 15, WIDTH, HEIGHT);
+    let outcome = run(&camera_pipeline(&server("ROBOFLOW_TEST_SERVER"), &camera.url(), ""), LIMIT);
+    let error = outcome.error.expect("an error");
+    eprintln!("{error}");
+    assert!(error.contains(&camera.url()), "{error}");
+    assert!(error.contains("WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=True"), "{error}");
+    assert_eq!(camera.frames_sent(), 0, "the server refused before reading");
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn mjpeg_camera_without_realtime_processes_every_frame() {
+    init();
+    let frames = 90u64;
+    let camera = MjpegCamera::start(frames as u32, 15, WIDTH, HEIGHT);
+    let pipeline = camera_pipeline(&server("ROBOFLOW_TEST_SERVER_MJPEG"), &camera.url(), "realtime-processing=false");
+    let received = collect(&pipeline);
+    let outcome = run(&pipeline, LIMIT);
+    assert!(outcome.eos, "{:?}", outcome.error);
+    let indices = result_indices(&outcome);
+    let summary = summary(&outcome);
+    let missed = stat(&summary, "results-missed");
+    eprintln!("{} results, {missed} missed at the start; {summary}", indices.len());
+    assert_eq!(indices, (missed..frames).collect::<Vec<_>>(), "every frame after those processed before the channel opened");
+    assert!(stat(&summary, "acks-sent") > 0);
+    assert_eq!(received.lock().unwrap().len(), indices.len());
+}
+
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn camera_null_mid_stream_returns_within_a_second() {
+    init();
+    let camera = RtspCamera::start(600, 15, WIDTH, HEIGHT);
+    let pipeline = camera_pipeline(&server("ROBOFLOW_TEST_SERVER"), &camera.url(), "");
+    let mut results = 0;
+    let mut stopped_at = None;
+    let outcome = run_with(&pipeline, LIMIT, |_, message| {
+        if let gst::MessageView::Element(element) = message.view()
+            && element.structure().is_some_and(|s| s.name() == "roboflow-inference")
+        {
+            results += 1;
+        }
+        if results >= 10 && stopped_at.is_none() {
+            stopped_at = Some(Instant::now());
+        }
+        results >= 10
+    });
+    let to_null = stopped_at.expect("10 results").elapsed();
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert!(to_null < Duration::from_secs(1), "NULL took {to_null:?}");
+}
