@@ -200,4 +200,18 @@ mod tests {
             "http://127.0.0.1:9001/initialise_webrtc_worker"
         );
     }
+
+    #[test]
+    fn a_camera_request_carries_its_url_and_no_upload() {
+        let base = UploadSettings { workflow_spec: Some(r#"{"steps":[]}"#.into()), realtime_processing: true, ..Default::default() };
+        let rtsp = UploadSettings { source_url: Some("rtsp://u:p@127.0.0.1:8554/cam".into()), ..base.clone() }.validate().unwrap();
+        let body = serde_json::to_value(build_request(&rtsp, String::new())).unwrap();
+        assert_eq!(body["rtsp_url"], "rtsp://u:p@127.0.0.1:8554/cam", "whole, credentials included");
+        assert!(body.get("mjpeg_url").is_none() && body.get("video_file_upload").is_none(), "{body}");
+        let mjpeg = UploadSettings { source_url: Some("https://cam.example/m".into()), ..base }.validate().unwrap();
+        let body = serde_json::to_value(build_request(&mjpeg, String::new())).unwrap();
+        assert_eq!(body["mjpeg_url"], "https://cam.example/m");
+        assert!(body.get("rtsp_url").is_none() && body.get("video_file_upload").is_none(), "{body}");
+    }
+
 }

@@ -469,4 +469,32 @@ mod tests {
         let config = settings.validate().unwrap();
         assert!(!format!("{config:?}").contains("SECRET-KEY-123"));
     }
+
+    #[test]
+    fn a_camera_is_validated_and_rtsp_needs_realtime() {
+        let camera = UploadSettings {
+            source_url: Some(" rtsps://u:p@cam.example:322/live ".into()),
+            realtime_processing: true,
+            ..with_spec()
+        };
+        let config = camera.validate().unwrap();
+        let source = config.camera.as_ref().unwrap();
+        assert_eq!(source.kind, CameraKind::Rtsp);
+        assert_eq!(source.url(), "rtsps://u:p@cam.example:322/live");
+        assert!(!format!("{config:?}").contains("u:p@"), "Debug shows no credentials");
+
+        let error = UploadSettings { realtime_processing: false, ..camera.clone() }.validate().unwrap_err();
+        assert_eq!(error.property, "realtime-processing");
+        assert!(error.message.contains("no timestamp"), "{error}");
+
+        // MJPEG works both ways.
+        let mjpeg = UploadSettings { source_url: Some("http://cam.example/m.mjpg".into()), realtime_processing: false, ..with_spec() };
+        assert_eq!(mjpeg.validate().unwrap().camera.unwrap().kind, CameraKind::Mjpeg);
+        assert_eq!(
+            UploadSettings { source_url: Some("file:///dev/video0".into()), ..with_spec() }.validate().unwrap_err().property,
+            "source-url"
+        );
+        assert!(with_spec().validate().unwrap().camera.is_none(), "blank: no camera");
+    }
+
 }

@@ -1090,4 +1090,38 @@ mod tests {
         assert_eq!(out, [Output::Failed(SessionError::NothingProcessed { sent: 1, reason: None })]);
         assert!(SessionError::NothingProcessed { sent: 1, reason: None }.to_string().contains("none of the 1 frames of the live video"));
     }
+
+    #[test]
+    fn a_camera_session_receives_once_connected_and_counts_results_missed_before_the_channel_opened() {
+        let now = Instant::now();
+        let mut core = SessionCore::new(&config(|s| {
+            s.source_url = Some("rtsp://user:pw@127.0.0.1:8554/cam".into());
+            s.realtime_processing = true;
+        }));
+        assert!(core.handle(Input::Connected, now).is_empty());
+        assert_eq!(core.state(), State::Receiving, "nothing to upload: results come");
+        assert_eq!(core.poll_timeout(), None, "no keepalive, no upload stall timer");
+        // The server processed frames 1-3 before the inference channel opened.
+        for frame_id in [4, 5, 7] {
+            let outputs = core.handle(Input::ControlMessage(&result_message(frame_id as u32, &frame_json(frame_id), false)), now);
+            assert!(matches!(outputs.as_slice(), [Output::Deliver(ResultEvent::Frame(_))]), "{outputs:?}");
+        }
+        assert_eq!(core.stats().results_missed, 4, "frames 1-3 and 6 were processed without a result reaching us");
+        let outputs = core.handle(Input::ControlMessage(&result_message(8, &complete_json(), false)), now);
+        assert!(matches!(outputs.as_slice(), [Output::Deliver(ResultEvent::Complete { frames: 3, .. })]), "{outputs:?}");
+        assert_eq!(core.state(), State::Complete);
+    }
+
+    #[test]
+    fn a_camera_that_gave_no_frame_names_the_camera_without_credentials() {
+        let now = Instant::now();
+        let mut core = SessionCore::new(&config(|s| s.source_url = Some("http://user:pw@127.0.0.1:8080/cam.mjpg?token=t".into())));
+        core.handle(Input::Connected, now);
+        let outputs = core.handle(Input::ControlMessage(&result_message(1, &complete_json(), false)), now);
+        let [Output::Failed(error)] = outputs.as_slice() else { panic!("{outputs:?}") };
+        let text = error.to_string();
+        assert!(text.starts_with("the server read no frames from http://127.0.0.1:8080/cam.mjpg?…"), "{text}");
+        assert!(!text.contains("pw") && !text.contains("token"), "{text}");
+    }
+
 }

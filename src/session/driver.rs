@@ -856,3 +856,41 @@ impl PeerConnectionEventHandler for Handler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UploadSettings;
+    use crate::signalling::SignallingError;
+
+    fn camera(url: &str) -> SessionConfig {
+        UploadSettings { workflow_spec: Some(r#"{"steps":[]}"#.into()), source_url: Some(url.into()), ..crate::config::camera_settings() }
+            .validate()
+            .unwrap()
+    }
+
+    fn refused(status: u16) -> SignallingError {
+        SignallingError::Refused {
+            url: "http://127.0.0.1:9001/initialise_webrtc_worker".into(),
+            status,
+            description: format!("HTTP {status}: Internal error."),
+        }
+    }
+
+    #[test]
+    fn a_server_error_before_the_answer_names_the_camera_and_what_usually_stops_it() {
+        let text = camera_not_opened(&camera("rtsp://admin:pw@10.0.0.5/live"), refused(500)).to_string();
+        assert!(
+            text.starts_with("the server at http://127.0.0.1:9001 could not start a session on the RTSP camera rtsp://10.0.0.5/live (HTTP 500: Internal error.)"),
+            "{text}"
+        );
+        assert!(!text.contains("pw"), "{text}");
+        let text = camera_not_opened(&camera("http://127.0.0.1:8080/m.mjpg"), refused(500)).to_string();
+        assert!(text.contains("WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES=True"), "{text}");
+        let text = camera_not_opened(&camera("http://cam.example/m.mjpg"), refused(500)).to_string();
+        assert!(!text.contains("WEBRTC_MJPEG"), "a global address: {text}");
+        // Not about the camera: a key refused, a Workflow error.
+        let text = camera_not_opened(&camera("rtsp://10.0.0.5/live"), refused(401)).to_string();
+        assert!(text.starts_with("the server at http://127.0.0.1:9001/initialise_webrtc_worker refused the session"), "{text}");
+    }
+}
