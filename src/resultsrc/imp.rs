@@ -336,14 +336,15 @@ impl ResultSrc {
         // (see plug_decoder).
         let hide_qos = self.shared.hide_qos.clone();
         self.tail.static_pad("sink").unwrap().add_probe(gst::PadProbeType::EVENT_UPSTREAM, move |_, info| {
-            match &info.data {
-                Some(gst::PadProbeData::Event(event))
-                    if event.type_() == gst::EventType::Qos && hide_qos.load(Ordering::Relaxed) =>
-                {
-                    gst::PadProbeReturn::Drop
-                }
-                _ => gst::PadProbeReturn::Ok,
+            let is_qos = matches!(&info.data, Some(gst::PadProbeData::Event(event)) if event.type_() == gst::EventType::Qos);
+            if is_qos && hide_qos.load(Ordering::Relaxed) {
+                // Taken and released here, and reported handled: returning
+                // Drop instead made GStreamer unref a cleared event (a
+                // CRITICAL per event).
+                drop(info.take_event());
+                return gst::PadProbeReturn::Handled;
             }
+            gst::PadProbeReturn::Ok
         });
 
         // Frames leaving the bounded queue.
