@@ -167,12 +167,15 @@ fn serve_rtsp(
     // videotestsrc is-live paces the frames by the clock and ends after
     // num-buffers; the probe below paints each one. key-int-max=fps: a
     // keyframe every second, so a client that joins late decodes soon.
+    // One slice per frame: with zerolatency's sliced threads, FFmpeg (the
+    // real server's reader) decoded our stream's first second as green
+    // garbage and gave 159 pictures for 150 frames; with one, all in order.
     factory.set_launch(&format!(
         "( videotestsrc name=frames is-live=true num-buffers={frames} pattern=black \
          ! video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1 \
          ! videoconvert ! video/x-raw,format=I420 \
          ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} \
-         ! video/x-h264,profile=constrained-baseline \
+         sliced-threads=false threads=1 ! video/x-h264,profile=constrained-baseline \
          ! rtph264pay name=pay0 pt=96 config-interval=-1 )"
     ));
     factory.set_shared(false);
@@ -398,8 +401,9 @@ fn serve_mjpeg_client(stream: TcpStream, shared: &MjpegShared) -> std::io::Resul
         stream.flush()?;
         shared.frames_sent.fetch_add(1, Ordering::SeqCst);
     }
-    write!(stream, "--{MJPEG_BOUNDARY}--\r\n")?;
-    stream.flush()?;
+    // No closing delimiter: a camera's stream never ends on its own, so
+    // readers take the closed connection as the end (FFmpeg's mpjpeg
+    // demuxer reports a closing `--frame--` as invalid data).
     let _ = stream.shutdown(std::net::Shutdown::Both);
     Ok(())
 }
