@@ -288,6 +288,9 @@ impl PullSource {
             .property("location", url)
             .property_from_str("protocols", "tcp")
             .property("latency", 0u32)
+            // The pts from the RTP timestamps alone, as FFmpeg has them (the
+            // default mode smooths arrival times into them).
+            .property_from_str("buffer-mode", "none")
             .build()
             .map_err(|e| format!("rtspsrc: {e}"))?;
         let decode = gst::ElementFactory::make("decodebin").build().map_err(|e| format!("decodebin: {e}"))?;

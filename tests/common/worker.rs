@@ -1100,7 +1100,7 @@ fn start_pull(session: &Arc<Session>, pending: pull::PendingPull, start: pull::P
             tokio::spawn(pull::run_pull(session.clone(), pending));
         }
         pull::PullStart::OnConnected | pull::PullStart::Never => {
-            *session.pending_pull.lock().unwrap() = Some(pending);
+            *session.pending_pull.lock().unwrap() = Some((pending, start));
         }
     }
 }
@@ -1201,8 +1201,9 @@ struct Session {
     silenced: Arc<AtomicBool>,
     /// Live video in: the client's track as offered (§10).
     live: Mutex<Option<live::LiveOffer>>,
-    /// Server-pull: the source until processing starts (§11).
-    pending_pull: Mutex<Option<pull::PendingPull>>,
+    /// Server-pull: the source until the connection starts processing, or
+    /// until the session ends when nothing will (§11).
+    pending_pull: Mutex<Option<(pull::PendingPull, pull::PullStart)>>,
 }
 
 impl Session {
@@ -1324,8 +1325,10 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
             }
             Some(PeerEvent::State(RTCPeerConnectionState::Connected)) => {
                 // The returned track's sender starts pulling frames (§11).
-                let pending = session.pending_pull.lock().unwrap().take();
-                if let Some(pending) = pending {
+                let mut pending = session.pending_pull.lock().unwrap();
+                if pending.as_ref().is_some_and(|(_, start)| *start == pull::PullStart::OnConnected)
+                    && let Some((pending, _)) = pending.take()
+                {
                     tokio::spawn(pull::run_pull(session.clone(), pending));
                 }
             }
@@ -1338,7 +1341,7 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
     }
     // A source whose processing never started is still open.
     let pending = session.pending_pull.lock().unwrap().take();
-    if let Some(pull::PendingPull::Opened(source)) = pending {
+    if let Some((pull::PendingPull::Opened(source), _)) = pending {
         let stopped = pull::stop_source(source).await;
         session.update(|report| report.pull_source_stopped = stopped);
     }
