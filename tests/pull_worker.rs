@@ -224,10 +224,10 @@ async fn run_client(worker_url: &str, options: &ClientOptions) -> ClientRun {
             tokio::time::timeout(Duration::from_secs(60), reader_channel.poll()).await
         {
             match event {
-                DataChannelEvent::OnMessage(message) => {
-                    if messages_tx.send(Bytes::copy_from_slice(&message.data)).is_err() {
-                        return;
-                    }
+                DataChannelEvent::OnMessage(message)
+                    if messages_tx.send(Bytes::copy_from_slice(&message.data)).is_err() =>
+                {
+                    return;
                 }
                 DataChannelEvent::OnClose => return,
                 _ => {}

@@ -97,11 +97,22 @@ pub(super) struct PullRequest {
 }
 
 pub(super) fn pull_request(request: &Value) -> Option<PullRequest> {
-    let named = |field: &str| request[field].as_str().filter(|url| !url.is_empty()).map(str::to_owned);
+    let named = |field: &str| {
+        request[field]
+            .as_str()
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+    };
     if let Some(url) = named("rtsp_url") {
-        return Some(PullRequest { kind: PullKind::Rtsp, url });
+        return Some(PullRequest {
+            kind: PullKind::Rtsp,
+            url,
+        });
     }
-    named("mjpeg_url").map(|url| PullRequest { kind: PullKind::Mjpeg, url })
+    named("mjpeg_url").map(|url| PullRequest {
+        kind: PullKind::Mjpeg,
+        url,
+    })
 }
 
 /// 422 entries for `rtsp_url`/`mjpeg_url` that are neither strings nor null.
@@ -147,7 +158,9 @@ struct QueueState {
 impl PullQueue {
     /// Streaming thread: a picture out of the decoder.
     fn push_picture(&self, kind: PullKind, sample: &gst::Sample) {
-        let Some(buffer) = sample.buffer() else { return };
+        let Some(buffer) = sample.buffer() else {
+            return;
+        };
         let mut state = self.state.lock().unwrap();
         if state.ended {
             return;
@@ -171,7 +184,10 @@ impl PullQueue {
         if let Some(caps) = &caps {
             builder = builder.caps(caps);
         }
-        state.frames.push_back(PulledFrame { sample: builder.build(), pts });
+        state.frames.push_back(PulledFrame {
+            sample: builder.build(),
+            pts,
+        });
         state.queued += 1;
         drop(state);
         self.changed.notify_one();
@@ -252,7 +268,8 @@ impl PullSource {
         let source = match request.kind {
             PullKind::Rtsp => PullSource::start_rtsp(&request.url)?,
             PullKind::Mjpeg => {
-                let (stream, already_read) = http_get_mjpeg(&request.url, config.mjpeg_allow_non_global_addresses)?;
+                let (stream, already_read) =
+                    http_get_mjpeg(&request.url, config.mjpeg_allow_non_global_addresses)?;
                 PullSource::start_mjpeg(stream, already_read)?
             }
         };
@@ -264,7 +281,9 @@ impl PullSource {
             }
             if let Some(error) = source.queue.ended() {
                 source.stop();
-                return Err(error.unwrap_or_else(|| "the stream ended before its first picture".to_owned()));
+                return Err(
+                    error.unwrap_or_else(|| "the stream ended before its first picture".to_owned())
+                );
             }
             if Instant::now() >= deadline {
                 source.stop();
@@ -293,18 +312,24 @@ impl PullSource {
             .property_from_str("buffer-mode", "none")
             .build()
             .map_err(|e| format!("rtspsrc: {e}"))?;
-        let decode = gst::ElementFactory::make("decodebin").build().map_err(|e| format!("decodebin: {e}"))?;
+        let decode = gst::ElementFactory::make("decodebin")
+            .build()
+            .map_err(|e| format!("decodebin: {e}"))?;
         source.connect_pad_added({
             let decode = decode.downgrade();
             move |_, pad| {
-                if let Some(sink) = decode.upgrade().and_then(|decode| decode.static_pad("sink"))
+                if let Some(sink) = decode
+                    .upgrade()
+                    .and_then(|decode| decode.static_pad("sink"))
                     && !sink.is_linked()
                 {
                     let _ = pad.link(&sink);
                 }
             }
         });
-        pipeline.add_many([&source, &decode]).map_err(|e| e.to_string())?;
+        pipeline
+            .add_many([&source, &decode])
+            .map_err(|e| e.to_string())?;
         PullSource::finish(PullKind::Rtsp, pipeline, decode, None)
     }
 
@@ -314,19 +339,27 @@ impl PullSource {
             .is_live(true)
             .caps(&gst::Caps::new_empty_simple("multipart/x-mixed-replace"))
             .build();
-        let demux = gst::ElementFactory::make("multipartdemux").build().map_err(|e| format!("multipartdemux: {e}"))?;
-        let decode = gst::ElementFactory::make("decodebin").build().map_err(|e| format!("decodebin: {e}"))?;
+        let demux = gst::ElementFactory::make("multipartdemux")
+            .build()
+            .map_err(|e| format!("multipartdemux: {e}"))?;
+        let decode = gst::ElementFactory::make("decodebin")
+            .build()
+            .map_err(|e| format!("decodebin: {e}"))?;
         demux.connect_pad_added({
             let decode = decode.downgrade();
             move |_, pad| {
-                if let Some(sink) = decode.upgrade().and_then(|decode| decode.static_pad("sink"))
+                if let Some(sink) = decode
+                    .upgrade()
+                    .and_then(|decode| decode.static_pad("sink"))
                     && !sink.is_linked()
                 {
                     let _ = pad.link(&sink);
                 }
             }
         });
-        pipeline.add_many([appsrc.upcast_ref(), &demux, &decode]).map_err(|e| e.to_string())?;
+        pipeline
+            .add_many([appsrc.upcast_ref(), &demux, &decode])
+            .map_err(|e| e.to_string())?;
         appsrc.link(&demux).map_err(|e| e.to_string())?;
         let reader = stream.try_clone().map_err(|e| e.to_string())?;
         let source = PullSource::finish(PullKind::Mjpeg, pipeline, decode, Some(stream))?;
@@ -346,12 +379,20 @@ impl PullSource {
         decode: gst::Element,
         http: Option<TcpStream>,
     ) -> Result<PullSource, String> {
-        let convert = gst::ElementFactory::make("videoconvert").build().map_err(|e| format!("videoconvert: {e}"))?;
+        let convert = gst::ElementFactory::make("videoconvert")
+            .build()
+            .map_err(|e| format!("videoconvert: {e}"))?;
         let sink = gst_app::AppSink::builder()
-            .caps(&gst::Caps::builder("video/x-raw").field("format", "RGB").build())
+            .caps(
+                &gst::Caps::builder("video/x-raw")
+                    .field("format", "RGB")
+                    .build(),
+            )
             .sync(false)
             .build();
-        pipeline.add_many([&convert, sink.upcast_ref()]).map_err(|e| e.to_string())?;
+        pipeline
+            .add_many([&convert, sink.upcast_ref()])
+            .map_err(|e| e.to_string())?;
         convert.link(&sink).map_err(|e| e.to_string())?;
         decode.connect_pad_added({
             let convert = convert.downgrade();
@@ -360,7 +401,9 @@ impl PullSource {
                     .current_caps()
                     .and_then(|caps| caps.structure(0).map(|s| s.name().starts_with("video/")))
                     .unwrap_or(false);
-                if let Some(sink) = convert.upgrade().and_then(|convert| convert.static_pad("sink"))
+                if let Some(sink) = convert
+                    .upgrade()
+                    .and_then(|convert| convert.static_pad("sink"))
                     && is_video
                     && !sink.is_linked()
                 {
@@ -390,7 +433,11 @@ impl PullSource {
             let queue = queue.clone();
             move |_, message| {
                 if let gst::MessageView::Error(error) = message.view() {
-                    queue.end(Some(format!("{} ({})", error.error(), error.debug().unwrap_or_default())));
+                    queue.end(Some(format!(
+                        "{} ({})",
+                        error.error(),
+                        error.debug().unwrap_or_default()
+                    )));
                 }
                 gst::BusSyncReply::Drop
             }
@@ -430,7 +477,10 @@ impl Drop for PullSource {
 /// Stops `source` off the runtime's threads, bounded; true once stopped.
 pub(super) async fn stop_source(source: PullSource) -> bool {
     let stopping = tokio::task::spawn_blocking(move || drop(source));
-    matches!(tokio::time::timeout(STOP_TIMEOUT, stopping).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(STOP_TIMEOUT, stopping).await,
+        Ok(Ok(()))
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -450,9 +500,14 @@ fn http_get_mjpeg(url: &str, allow_non_global: bool) -> Result<(TcpStream, Vec<u
             return Err("the test worker fetches no https MJPEG streams".to_owned());
         }
         let address = resolve_checked(&url, allow_non_global)?;
-        let mut stream = TcpStream::connect_timeout(&address, MJPEG_TIMEOUT).map_err(|e| format!("connect {address}: {e}"))?;
-        stream.set_read_timeout(Some(MJPEG_TIMEOUT)).map_err(|e| e.to_string())?;
-        stream.set_write_timeout(Some(MJPEG_TIMEOUT)).map_err(|e| e.to_string())?;
+        let mut stream = TcpStream::connect_timeout(&address, MJPEG_TIMEOUT)
+            .map_err(|e| format!("connect {address}: {e}"))?;
+        stream
+            .set_read_timeout(Some(MJPEG_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(MJPEG_TIMEOUT))
+            .map_err(|e| e.to_string())?;
         let mut target = url.path().to_owned();
         if let Some(query) = url.query() {
             target = format!("{target}?{query}");
@@ -461,11 +516,16 @@ fn http_get_mjpeg(url: &str, allow_non_global: bool) -> Result<(TcpStream, Vec<u
             Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_owned(),
         };
-        write!(stream, "GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n")
-            .map_err(|e| format!("send the request: {e}"))?;
+        write!(
+            stream,
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| format!("send the request: {e}"))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
         let mut status_line = String::new();
-        reader.read_line(&mut status_line).map_err(|e| format!("read the status: {e}"))?;
+        reader
+            .read_line(&mut status_line)
+            .map_err(|e| format!("read the status: {e}"))?;
         let status: u16 = status_line
             .split_whitespace()
             .nth(1)
@@ -475,7 +535,9 @@ fn http_get_mjpeg(url: &str, allow_non_global: bool) -> Result<(TcpStream, Vec<u
         let mut head_len = status_line.len();
         loop {
             let mut line = String::new();
-            let read = reader.read_line(&mut line).map_err(|e| format!("read the headers: {e}"))?;
+            let read = reader
+                .read_line(&mut line)
+                .map_err(|e| format!("read the headers: {e}"))?;
             head_len += read;
             if read == 0 || line == "\r\n" || line == "\n" {
                 break;
@@ -494,7 +556,9 @@ fn http_get_mjpeg(url: &str, allow_non_global: bool) -> Result<(TcpStream, Vec<u
                 return Err("Too many MJPEG redirects".to_owned());
             }
             let location = location.ok_or("redirect without Location")?;
-            url = url.join(&location).map_err(|e| format!("redirect to '{location}': {e}"))?;
+            url = url
+                .join(&location)
+                .map_err(|e| format!("redirect to '{location}': {e}"))?;
             continue;
         }
         if !(200..300).contains(&status) {
@@ -523,7 +587,9 @@ fn resolve_checked(url: &url::Url, allow_non_global: bool) -> Result<SocketAddr,
                 .ip()
         }
         Some(url::Host::Domain(name)) => {
-            return Err(format!("the test worker resolves no names but localhost ('{name}')"));
+            return Err(format!(
+                "the test worker resolves no names but localhost ('{name}')"
+            ));
         }
         None => return Err("no host".to_owned()),
     };
@@ -566,7 +632,12 @@ fn is_global_v6(ip: Ipv6Addr) -> bool {
     let unique_local = first & 0xfe00 == 0xfc00;
     let link_local = first & 0xffc0 == 0xfe80;
     let documentation = first == 0x2001 && ip.segments()[1] == 0x0db8;
-    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || unique_local || link_local || documentation)
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || unique_local
+        || link_local
+        || documentation)
 }
 
 /// The HTTP reader thread: the body into appsrc until the connection ends
@@ -578,7 +649,11 @@ fn feed_http_body(
     stop: &AtomicBool,
     queue: &PullQueue,
 ) {
-    if !already_read.is_empty() && appsrc.push_buffer(gst::Buffer::from_mut_slice(already_read)).is_err() {
+    if !already_read.is_empty()
+        && appsrc
+            .push_buffer(gst::Buffer::from_mut_slice(already_read))
+            .is_err()
+    {
         return;
     }
     let mut chunk = vec![0u8; HTTP_READ_CHUNK];
@@ -586,13 +661,23 @@ fn feed_http_body(
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(read) => {
-                if appsrc.push_buffer(gst::Buffer::from_mut_slice(chunk[..read].to_vec())).is_err() {
+                if appsrc
+                    .push_buffer(gst::Buffer::from_mut_slice(chunk[..read].to_vec()))
+                    .is_err()
+                {
                     return;
                 }
             }
-            Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 // The server's reader times out the same way.
-                queue.end(Some("Could not read MJPEG stream (failed or timed out)".to_owned()));
+                queue.end(Some(
+                    "Could not read MJPEG stream (failed or timed out)".to_owned(),
+                ));
                 return;
             }
             Err(_) => break,
@@ -655,7 +740,9 @@ pub(super) async fn run_pull(session: Arc<Session>, pending: PendingPull) {
             send_completion(&session, &control, last_frame_id, message, false).await;
         }
         None => session.update(|report| {
-            report.pull_errors.push("processing_complete not sent: the inference channel is not open".to_owned())
+            report
+                .pull_errors
+                .push("processing_complete not sent: the inference channel is not open".to_owned())
         }),
     }
     if reason.is_some() {
@@ -670,7 +757,10 @@ pub(super) async fn run_pull(session: Arc<Session>, pending: PendingPull) {
 /// stream"). Nothing is processed.
 async fn open_rtsp_thread(session: &Arc<Session>, url: String) {
     let config = session.config.clone();
-    let request = PullRequest { kind: PullKind::Rtsp, url };
+    let request = PullRequest {
+        kind: PullKind::Rtsp,
+        url,
+    };
     let opened = tokio::task::spawn_blocking(move || {
         let source = PullSource::open(&request, &config)?;
         let decoded = source.queue.decoded();
@@ -684,9 +774,13 @@ async fn open_rtsp_thread(session: &Arc<Session>, url: String) {
             report.pull_opened = true;
             report.pull_source_stopped = true;
             report.pull_frames_without_pts += decoded.min(1);
-            report.pull_errors.push("Failed to decode RTSP stream (RTSP frame has no timestamp)".to_owned());
+            report
+                .pull_errors
+                .push("Failed to decode RTSP stream (RTSP frame has no timestamp)".to_owned());
         }
-        Err(err) => report.pull_errors.push(format!("Failed to decode RTSP stream ({err})")),
+        Err(err) => report
+            .pull_errors
+            .push(format!("Failed to decode RTSP stream ({err})")),
     });
 }
 
@@ -706,7 +800,10 @@ async fn process(session: &Arc<Session>, source: &PullSource) -> Outcome {
     };
     // The server's termination date: the timeout less its shutdown reserve
     // (WEBRTC_MODAL_SHUTDOWN_RESERVE, 1 s), so it still has time to say so.
-    let timeout_at = session.deadline.checked_sub(Duration::from_secs(1)).unwrap_or(session.deadline);
+    let timeout_at = session
+        .deadline
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or(session.deadline);
     let mut last_frame_id = 0u32;
     let mut throttle_start: Option<tokio::time::Instant> = None;
     let mut jpeg: Option<JpegEncoder> = None;
@@ -778,7 +875,8 @@ async fn process(session: &Arc<Session>, source: &PullSource) -> Outcome {
                 summary
             }
             Err(err) => {
-                session.update(|report| report.pull_errors.push(format!("frame {frame_id}: {err}")));
+                session
+                    .update(|report| report.pull_errors.push(format!("frame {frame_id}: {err}")));
                 continue;
             }
         };
