@@ -795,9 +795,10 @@ async fn initialise_webrtc_worker(
         }
         Some(request) => {
             let (request, config) = (request.clone(), config.clone());
-            let opened = tokio::task::spawn_blocking(move || pull::PullSource::open(&request, &config))
-                .await
-                .unwrap_or_else(|err| Err(format!("open task: {err}")));
+            let opened =
+                tokio::task::spawn_blocking(move || pull::PullSource::open(&request, &config))
+                    .await
+                    .unwrap_or_else(|err| Err(format!("open task: {err}")));
             match opened {
                 Ok(source) => Some(pull::PendingPull::Opened(source)),
                 Err(_) => {
@@ -1326,7 +1327,9 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
             Some(PeerEvent::State(RTCPeerConnectionState::Connected)) => {
                 // The returned track's sender starts pulling frames (§11).
                 let mut pending = session.pending_pull.lock().unwrap();
-                if pending.as_ref().is_some_and(|(_, start)| *start == pull::PullStart::OnConnected)
+                if pending
+                    .as_ref()
+                    .is_some_and(|(_, start)| *start == pull::PullStart::OnConnected)
                     && let Some((pending, _)) = pending.take()
                 {
                     tokio::spawn(pull::run_pull(session.clone(), pending));
@@ -1675,8 +1678,17 @@ async fn send_completion(
     message: Value,
     gzipped: bool,
 ) -> bool {
-    let payload = encode_payload(message.to_string().into_bytes(), gzipped, Compression::fast());
-    let messages = split_result(last_frame_id + 1, &payload, session.config.result_chunk_size, None);
+    let payload = encode_payload(
+        message.to_string().into_bytes(),
+        gzipped,
+        Compression::fast(),
+    );
+    let messages = split_result(
+        last_frame_id + 1,
+        &payload,
+        session.config.result_chunk_size,
+        None,
+    );
     let sent = send_all(control, messages).await;
     if sent {
         session.update(|report| report.processing_complete_sent = true);
