@@ -851,7 +851,7 @@ async fn process_live(session: Arc<Session>, queue: Arc<LiveQueue>) {
         };
         frame.pts_ns = None;
         frame.fps = session.declared_fps;
-        frame.live_pts = Some(u64::from(picture.pts));
+        frame.stream_pts = Some((u64::from(picture.pts), (1, VIDEO_CLOCK_RATE)));
         session.update(|report| {
             report.live_frames_processed += 1;
             report.live_processed_rtp.push(picture.rtp_timestamp);

@@ -2,3 +2,4 @@ pub mod worker;
 pub mod harness;
 pub mod live;
 pub mod video_track;
+pub mod cameras;

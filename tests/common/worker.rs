@@ -27,6 +27,13 @@
 //! frame's, and sends `processing_complete` once the client's RTCP BYE
 //! arrives, then waits for the client to close.
 //!
+//! Server-pull sources (§11): when the request names an `rtsp_url` or an
+//! `mjpeg_url`, the worker reads that camera itself (see the `pull` module,
+//! `pull_source.rs`): it opens the source before answering where the server
+//! does, processes its frames, sends the results as in the other modes
+//! (and the frames on a returned track), and `processing_complete` at the
+//! end of the stream.
+//!
 //! [`WorkerConfig`] holds two kinds of deviation from the plain case: knobs
 //! for things the real server does too (results spanning chunks, per-frame
 //! `errors`, realtime drops, another time base, a lost first track frame),
@@ -88,6 +95,8 @@ use webrtc::media_stream::track_remote::TrackRemote;
 
 #[path = "live_track.rs"]
 mod live;
+#[path = "pull_source.rs"]
+mod pull;
 
 // ---------------------------------------------------------------------------
 // Public API
@@ -173,6 +182,19 @@ pub struct WorkerConfig {
     /// the lost one cannot be decoded: they are skipped and a PLI asks the
     /// client for a keyframe (aiortc does the same), see the `live` module.
     pub live_lose_first_frame: bool,
+    /// Server-pull MJPEG (§11): the server's
+    /// `WEBRTC_MJPEG_ALLOW_NON_GLOBAL_ADDRESSES`. False, like the server:
+    /// an `mjpeg_url` on loopback, a private network or `localhost` is
+    /// refused (HTTP 500). Test cameras run on 127.0.0.1, so tests that read
+    /// one set this.
+    pub mjpeg_allow_non_global_addresses: bool,
+    /// Server-pull RTSP: the least time opening an RTSP source takes.
+    /// FFmpeg probes the stream before `av.open` returns: 1.9-2.0 s here
+    /// against the test camera (15 fps, a keyframe a second). A realtime
+    /// session answers only then; the pictures read meanwhile wait in the
+    /// queue. Without realtime processing the reader fails only then, so
+    /// the client's `inference` channel is normally open by that time.
+    pub rtsp_open_time: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -195,6 +217,8 @@ impl Default for WorkerConfig {
             track_stamp_frame_id: false,
             live_process_delay: Duration::ZERO,
             live_lose_first_frame: false,
+            mjpeg_allow_non_global_addresses: false,
+            rtsp_open_time: DEFAULT_RTSP_OPEN_TIME,
         }
     }
 }
@@ -347,6 +371,42 @@ pub struct SessionReport {
     /// Frames dropped as incomplete, skipped, or refused by the decoder, and
     /// decoder errors, as text.
     pub live_decode_errors: Vec<String>,
+
+    // Server-pull sources (§11). Zero/empty/`None` in the other modes.
+    /// `rtsp` or `mjpeg`.
+    pub pull_kind: Option<String>,
+    /// The URL as the request gave it.
+    pub pull_url: Option<String>,
+    /// When processing starts: `data_only` (at once), `on_connected` (the
+    /// returned track's sender pulls frames), or `never` (a track was asked
+    /// for but the offer receives no video: the sender never starts).
+    pub pull_start: Option<String>,
+    /// The source was opened (its first picture decoded).
+    pub pull_opened: bool,
+    /// Pictures the reader handed on (queued), all but RTSP's first.
+    pub pull_frames_read: u32,
+    /// RTSP: FFmpeg's first decoded frame has no pts; the server skips it
+    /// (realtime) or fails on it (non-realtime). 0 or 1.
+    pub pull_frames_without_pts: u32,
+    /// Frames processed: `frame_id` counts them.
+    pub pull_frames_processed: u32,
+    /// Processed while the `inference` channel was not open: no result sent.
+    pub pull_results_lost_before_channel: u32,
+    /// Realtime: dropped from the queue (the oldest beyond 30).
+    pub pull_frames_dropped_realtime: u32,
+    /// Still queued when processing stopped (the client left, the timeout).
+    pub pull_frames_waiting_at_end: u32,
+    /// `pts` of each processed frame, in `pull_time_base` units: 90 kHz for
+    /// RTSP, pictures (1/25 s) for MJPEG.
+    pub pull_processed_pts: Vec<u64>,
+    pub pull_time_base: Option<(u32, u32)>,
+    /// Mean RGB of each processed frame, in order.
+    pub pull_colors: Vec<[u8; 3]>,
+    /// The source pipeline was torn down (NULL) within its bound.
+    pub pull_source_stopped: bool,
+    /// Read errors, the reason nothing was processed, a `processing_complete`
+    /// that could not be sent, as text.
+    pub pull_errors: Vec<String>,
 }
 
 /// One frame result as the worker sent it.
@@ -508,6 +568,7 @@ const DECODE_TIMEOUT: Duration = Duration::from_secs(300);
 const JPEG_QUALITY: i32 = 80;
 const DEFAULT_TRACK_ENCODE_LATENCY: Duration = Duration::from_millis(5);
 const DEFAULT_TRACK_FRAME_GAP: Duration = Duration::from_millis(20);
+const DEFAULT_RTSP_OPEN_TIME: Duration = Duration::from_secs(2);
 /// A write only waits for the connection's driver to take the packet.
 const TRACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -630,6 +691,7 @@ fn request_shape_errors(body: &Value) -> Vec<Value> {
         })),
         Some(_) => {}
     }
+    errors.extend(pull::url_shape_errors(body));
     errors
 }
 
@@ -724,12 +786,37 @@ async fn initialise_webrtc_worker(
         return json_response(status, error);
     }
 
+    // A server-pull source the server opens before it answers (§11).
+    let pull_request = pull::pull_request(&body);
+    let realtime = body["webrtc_realtime_processing"].as_bool().unwrap_or(true);
+    let pending_pull = match &pull_request {
+        Some(request) if request.kind == pull::PullKind::Rtsp && !realtime => {
+            Some(pull::PendingPull::RtspThread(request.url.clone()))
+        }
+        Some(request) => {
+            let (request, config) = (request.clone(), config.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || pull::PullSource::open(&request, &config))
+                    .await
+                    .unwrap_or_else(|err| Err(format!("open task: {err}")));
+            match opened {
+                Ok(source) => Some(pull::PendingPull::Opened(source)),
+                Err(_) => {
+                    let status = StatusCode::INTERNAL_SERVER_ERROR;
+                    shared.record_request(&body, &authorization, status);
+                    return json_response(status, pull::open_failure_body());
+                }
+            }
+        }
+        None => None,
+    };
+
     let answer_sdp = if config.has(|f| matches!(f, Fault::MalformedSdp)) {
         let session = Session::detached(&shared, body.clone(), authorization.clone());
         session.report.lock().unwrap().closed = true;
         "this is not an SDP answer\r\n".to_owned()
     } else {
-        match open_session(&shared, body.clone(), authorization.clone()).await {
+        match open_session(&shared, body.clone(), authorization.clone(), pending_pull).await {
             Ok(sdp) => sdp,
             Err(err) => {
                 let status = StatusCode::INTERNAL_SERVER_ERROR;
@@ -806,6 +893,7 @@ async fn open_session(
     shared: &Arc<Shared>,
     request: Value,
     authorization: Option<String>,
+    pending_pull: Option<pull::PendingPull>,
 ) -> Result<String, String> {
     let offer_sdp = request["webrtc_offer"]["sdp"]
         .as_str()
@@ -948,7 +1036,19 @@ async fn open_session(
         return Ok(point_candidates_at_closed_port(&answer_sdp));
     }
 
+    let pull_start = pending_pull.as_ref().map(|_| {
+        if !stream_output_wanted(&request) {
+            pull::PullStart::DataOnly
+        } else if track.is_some() {
+            pull::PullStart::OnConnected
+        } else {
+            pull::PullStart::Never
+        }
+    });
     let session = Session::new(shared, request, authorization, Some(peer), track);
+    if let (Some(pending), Some(start)) = (pending_pull, pull_start) {
+        start_pull(&session, pending, start);
+    }
     if let Some(offer) = &live {
         let answer_direction = video_section(&answer_sdp).map(|section| section.direction);
         session.update(|report| {
@@ -965,6 +1065,45 @@ async fn open_session(
 
 async fn close_peer(peer: &Arc<dyn PeerConnection>) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await;
+}
+
+/// Server-pull (§11): records the source and starts processing now
+/// (data-only), once connected (a returned track pulls frames), or never.
+fn start_pull(session: &Arc<Session>, pending: pull::PendingPull, start: pull::PullStart) {
+    let request = session.report.lock().unwrap().request.clone();
+    let source = pull::pull_request(&request);
+    session.update(|report| {
+        report.pull_kind = source.as_ref().map(|s| s.kind.name().to_owned());
+        report.pull_url = source.map(|s| s.url);
+        report.pull_opened = matches!(pending, pull::PendingPull::Opened(_));
+        report.pull_time_base = Some(match report.pull_kind.as_deref() {
+            Some("mjpeg") => (1, 25),
+            _ => (1, PTS_CLOCK_RATE as u32),
+        });
+        report.pull_start = Some(
+            match start {
+                pull::PullStart::DataOnly => "data_only",
+                pull::PullStart::OnConnected => "on_connected",
+                pull::PullStart::Never => "never",
+            }
+            .to_owned(),
+        );
+        if start == pull::PullStart::Never {
+            report.pull_errors.push(
+                "stream_output asks for a returned track but the offer receives no video: \
+                 the server's sender never starts and nothing is processed"
+                    .to_owned(),
+            );
+        }
+    });
+    match start {
+        pull::PullStart::DataOnly => {
+            tokio::spawn(pull::run_pull(session.clone(), pending));
+        }
+        pull::PullStart::OnConnected | pull::PullStart::Never => {
+            *session.pending_pull.lock().unwrap() = Some((pending, start));
+        }
+    }
 }
 
 fn point_candidates_at_closed_port(sdp: &str) -> String {
@@ -1063,6 +1202,9 @@ struct Session {
     silenced: Arc<AtomicBool>,
     /// Live video in: the client's track as offered (§10).
     live: Mutex<Option<live::LiveOffer>>,
+    /// Server-pull: the source until the connection starts processing, or
+    /// until the session ends when nothing will (§11).
+    pending_pull: Mutex<Option<(pull::PendingPull, pull::PullStart)>>,
 }
 
 impl Session {
@@ -1105,6 +1247,7 @@ impl Session {
             declared_fps,
             silenced: shared.silenced.clone(),
             live: Mutex::new(None),
+            pending_pull: Mutex::new(None),
         });
         shared.sessions.lock().unwrap().push(session.clone());
         session
@@ -1181,12 +1324,29 @@ async fn run_session(session: Arc<Session>, mut events: mpsc::UnboundedReceiver<
             )) => {
                 break;
             }
+            Some(PeerEvent::State(RTCPeerConnectionState::Connected)) => {
+                // The returned track's sender starts pulling frames (§11).
+                let mut pending = session.pending_pull.lock().unwrap();
+                if pending
+                    .as_ref()
+                    .is_some_and(|(_, start)| *start == pull::PullStart::OnConnected)
+                    && let Some((pending, _)) = pending.take()
+                {
+                    tokio::spawn(pull::run_pull(session.clone(), pending));
+                }
+            }
             Some(PeerEvent::State(_)) => {}
         }
     }
     session.end();
     if let Some(peer) = &session.peer {
         close_peer(peer).await;
+    }
+    // A source whose processing never started is still open.
+    let pending = session.pending_pull.lock().unwrap().take();
+    if let Some((pull::PendingPull::Opened(source), _)) = pending {
+        let stopped = pull::stop_source(source).await;
+        session.update(|report| report.pull_source_stopped = stopped);
     }
     session.update(|report| report.closed = true);
 }
@@ -1403,9 +1563,10 @@ struct DecodedFrame {
     jpeg: Option<Vec<u8>>,
     /// The stream output for the video track, when one was negotiated.
     image: Option<gst::Sample>,
-    /// Live video in: the pts in 90 kHz ticks (RTP timestamp − the first
-    /// frame's), reported with time base 1/90000 whatever `time_base` says.
-    live_pts: Option<u64>,
+    /// Live video in and server-pull: the pts and the time base it is
+    /// reported in, whatever `time_base` says (live: RTP timestamp − the
+    /// first frame's, 1/90000; pull: see the `pull` module).
+    stream_pts: Option<(u64, (u32, u32))>,
 }
 
 async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
@@ -1495,7 +1656,6 @@ async fn process_upload(session: Arc<Session>, file: Vec<u8>) {
 /// the results before it are delivered.
 async fn send_processing_complete(session: &Session, last_frame_id: u32) {
     if let Some(control) = session.control_channel() {
-        let outputs = session.outputs.lock().unwrap().clone();
         let message = json!({
             "serialized_output_data": null,
             "video_metadata": null,
@@ -1503,22 +1663,38 @@ async fn send_processing_complete(session: &Session, last_frame_id: u32) {
             "processing_complete": true,
             "termination_reason": "end_of_stream",
         });
-        let payload = encode_payload(
-            message.to_string().into_bytes(),
-            outputs.gzipped(),
-            Compression::fast(),
-        );
-        let messages = split_result(
-            last_frame_id + 1,
-            &payload,
-            session.config.result_chunk_size,
-            None,
-        );
-        if send_all(&control, messages).await {
-            session.update(|report| report.processing_complete_sent = true);
-        }
-        wait_drained(&control).await;
+        let gzipped = session.outputs.lock().unwrap().gzipped();
+        send_completion(session, &control, last_frame_id, message, gzipped).await;
     }
+}
+
+/// Sends a `processing_complete` message (header frame_id = the last
+/// frame's + 1) and waits until it is delivered, bounded; false when the
+/// channel refused it.
+async fn send_completion(
+    session: &Session,
+    control: &Arc<dyn DataChannel>,
+    last_frame_id: u32,
+    message: Value,
+    gzipped: bool,
+) -> bool {
+    let payload = encode_payload(
+        message.to_string().into_bytes(),
+        gzipped,
+        Compression::fast(),
+    );
+    let messages = split_result(
+        last_frame_id + 1,
+        &payload,
+        session.config.result_chunk_size,
+        None,
+    );
+    let sent = send_all(control, messages).await;
+    if sent {
+        session.update(|report| report.processing_complete_sent = true);
+    }
+    wait_drained(control).await;
+    sent
 }
 
 /// Batch mode (§7): once acks have started, frame K waits for ack >= K - 1.
@@ -1621,17 +1797,17 @@ fn units_to_90k(units: u64, (num, den): (u32, u32)) -> u64 {
 
 /// The frame's pts in units of [`frame_time_base`].
 fn frame_pts(session: &Session, frame: &DecodedFrame) -> u64 {
-    match frame.live_pts {
-        Some(ticks) => ticks,
+    match frame.stream_pts {
+        Some((pts, _)) => pts,
         None => ns_to_units(frame.pts_ns.unwrap_or(0), session.config.time_base),
     }
 }
 
-/// The time base a frame's result reports: 1/90000 for a live frame (the
-/// RTP clock), else the configured one.
+/// The time base a frame's result reports: its stream's (live: the RTP
+/// clock), else the configured one.
 fn frame_time_base(session: &Session, frame: &DecodedFrame) -> (u32, u32) {
-    match frame.live_pts {
-        Some(_) => (1, VIDEO_CLOCK_RATE),
+    match frame.stream_pts {
+        Some((_, time_base)) => time_base,
         None => session.config.time_base,
     }
 }
@@ -2126,7 +2302,7 @@ fn summarize_frame(sample: &gst::Sample, jpeg: Option<Vec<u8>>) -> Result<Decode
         mean_rgb: sums.map(|sum| (sum / pixels) as u8),
         jpeg,
         image: None,
-        live_pts: None,
+        stream_pts: None,
     })
 }
 
