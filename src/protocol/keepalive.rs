@@ -182,6 +182,23 @@ impl AckTracker {
         self.ack()
     }
 
+    /// Frames `first..=last` will never be handled: the server processed
+    /// them but their results never came (a camera's frames before the
+    /// results channel opened). The run of handled frames goes through
+    /// them; returns the new ack if it moved.
+    pub fn skip(&mut self, first: u64, last: u64) -> Option<u64> {
+        let first = first.max(self.contiguous + 1);
+        if first > last {
+            return None;
+        }
+        self.ahead.extend(first..=last);
+        let before = self.contiguous;
+        while self.ahead.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        (self.contiguous > before).then(|| self.ack()).flatten()
+    }
+
     /// Declares every frame up to `frame_id` handled, for a gap the caller
     /// knows will never fill. Returns the new ack, if it moved.
     #[cfg(test)]
@@ -348,4 +365,17 @@ mod tests {
         assert_eq!(a.waiting_for_gap(), 0);
         assert_eq!(a.acks_sent(), 4);
     }
+
+    #[test]
+    fn frames_whose_results_never_come_do_not_hold_the_acks_back() {
+        let mut acks = AckTracker::with_lead(2);
+        // The server processed frames 1-6 before the channel opened.
+        assert_eq!(acks.skip(1, 6), Some(8));
+        assert_eq!(acks.on_frame_handled(7), Some(9));
+        // A gap later, with frame 9 handled before the gap is known.
+        assert_eq!(acks.on_frame_handled(11), None);
+        assert_eq!(acks.skip(8, 10), Some(13), "8-10 skipped, 11 handled: contiguous 11");
+        assert_eq!(acks.skip(3, 5), None, "behind the ack");
+    }
+
 }

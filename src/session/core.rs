@@ -258,6 +258,8 @@ pub struct SessionCore {
     /// The highest frame_id of a result so far, and the gaps below it.
     last_frame_id: u64,
     results_missed: u64,
+    /// The gaps, for acks turned on after they were seen.
+    missed_ranges: Vec<(u64, u64)>,
 }
 
 impl SessionCore {
@@ -294,6 +296,7 @@ impl SessionCore {
             frames_dropped: 0,
             last_frame_id: 0,
             results_missed: 0,
+            missed_ranges: Vec::new(),
         }
     }
 
@@ -392,7 +395,7 @@ impl SessionCore {
             }
             Input::ControlMessage(data) => {
                 if !self.state.is_final()
-                    && let Some(event) = self.on_result_message(data)?
+                    && let Some(event) = self.on_result_message(data, out)?
                 {
                     self.deliver(event, now, out);
                 }
@@ -432,7 +435,11 @@ impl SessionCore {
             Input::Peer(state) => self.on_peer_state(state, now)?,
             Input::EnableAcks { lead } => {
                 if !self.settings.realtime && self.acks.is_none() {
-                    self.acks = Some(AckTracker::with_lead(lead));
+                    let mut acks = AckTracker::with_lead(lead);
+                    for (first, last) in &self.missed_ranges {
+                        acks.skip(*first, *last);
+                    }
+                    self.acks = Some(acks);
                 }
             }
             Input::FrameHandled(frame_id) => {
@@ -541,7 +548,7 @@ impl SessionCore {
         }
     }
 
-    fn on_result_message(&mut self, data: &[u8]) -> Result<Option<ResultEvent>, SessionError> {
+    fn on_result_message(&mut self, data: &[u8], out: &mut Vec<Output>) -> Result<Option<ResultEvent>, SessionError> {
         let Some(completed) = self.reassembler.push(data)? else {
             return Ok(None);
         };
@@ -576,7 +583,15 @@ impl SessionCore {
         let metadata = result.video_metadata.as_ref();
         let frame_id = metadata.and_then(|m| m.frame_id).unwrap_or(u64::from(completed.frame_id));
         if frame_id > self.last_frame_id {
-            self.results_missed += frame_id - self.last_frame_id - 1;
+            let missed = frame_id - self.last_frame_id - 1;
+            if missed > 0 {
+                self.results_missed += missed;
+                // They will never be handled: acks must not wait for them.
+                self.missed_ranges.push((self.last_frame_id + 1, frame_id - 1));
+                if let Some(ack) = self.acks.as_mut().and_then(|acks| acks.skip(self.last_frame_id + 1, frame_id - 1)) {
+                    out.push(Output::SendControl(ack_message(ack)));
+                }
+            }
             self.last_frame_id = frame_id;
         }
         Ok(Some(ResultEvent::Frame(Box::new(FrameEvent {
@@ -1122,6 +1137,22 @@ mod tests {
         let text = error.to_string();
         assert!(text.starts_with("the server read no frames from http://127.0.0.1:8080/cam.mjpg?…"), "{text}");
         assert!(!text.contains("pw") && !text.contains("token"), "{text}");
+    }
+
+
+    #[test]
+    fn acks_go_past_frames_whose_results_never_came_even_when_turned_on_after_the_gap() {
+        let now = Instant::now();
+        let mut core = SessionCore::new(&config(|s| s.source_url = Some("http://127.0.0.1:8080/m.mjpg".into())));
+        core.handle(Input::Connected, now);
+        // Frames 1-4 were processed before the channel opened; acks come on later.
+        core.handle(Input::ControlMessage(&result_message(5, &frame_json(5), false)), now);
+        core.handle(Input::EnableAcks { lead: 2 }, now);
+        assert_eq!(core.handle(Input::FrameHandled(5), now), vec![Output::SendControl(ack_message(7))]);
+        // A gap later, acks on: the ack moves at once when frame 7 shows 6 lost.
+        let outputs = core.handle(Input::ControlMessage(&result_message(7, &frame_json(7), false)), now);
+        assert_eq!(outputs[0], Output::SendControl(ack_message(8)), "{outputs:?}");
+        assert_eq!(core.handle(Input::FrameHandled(7), now), vec![Output::SendControl(ack_message(9))]);
     }
 
 }

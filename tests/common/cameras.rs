@@ -42,6 +42,7 @@ fn init_gstreamer() {
 /// take as the end of the stream. No authentication is configured.
 pub struct RtspCamera {
     port: u16,
+    frames: u32,
     counters: Arc<RtspCounters>,
     main_loop: glib::MainLoop,
     stopped: std::sync::mpsc::Receiver<()>,
@@ -52,6 +53,8 @@ pub struct RtspCamera {
 struct RtspCounters {
     clients: AtomicU32,
     frames_pushed: AtomicU64,
+    /// When the newest frame was fed to the encoder.
+    last_frame_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl RtspCamera {
@@ -104,6 +107,7 @@ impl RtspCamera {
         };
         RtspCamera {
             port,
+            frames,
             counters,
             main_loop,
             stopped: stopped_rx,
@@ -133,6 +137,12 @@ impl RtspCamera {
     /// Frames fed to the encoder, by all medias together.
     pub fn frames_pushed(&self) -> u64 {
         self.counters.frames_pushed.load(Ordering::SeqCst)
+    }
+
+    /// When the last frame of a stream was fed to the encoder, once a whole
+    /// stream (`frames`, for one client) has been played.
+    pub fn finished_at(&self) -> Option<std::time::Instant> {
+        (self.frames_pushed() >= u64::from(self.frames)).then(|| *self.counters.last_frame_at.lock().unwrap()).flatten()
     }
 }
 
@@ -212,6 +222,7 @@ fn paint_and_count(source: &gst::Element, counters: Arc<RtspCounters>) {
                 }
             }
             counters.frames_pushed.fetch_add(1, Ordering::SeqCst);
+            *counters.last_frame_at.lock().unwrap() = Some(std::time::Instant::now());
         }
         gst::PadProbeReturn::Ok
     });
