@@ -122,7 +122,7 @@ fn rtsp_camera_returns_its_frames_with_results_and_ends_with_the_stream() {
     let worker = worker(|_| {});
     let frames = 90;
     let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
-    let pipeline = camera_pipeline(&worker, &camera.url(), "");
+    let pipeline = camera_pipeline(&worker, &camera.url(), "video-transport=datachannel");
     let received = collect(&pipeline);
     let outcome = run(&pipeline, LIMIT);
     assert!(outcome.eos, "EOS at the end of the camera's stream: {:?}", outcome.error);
@@ -148,16 +148,17 @@ fn rtsp_camera_returns_its_frames_with_results_and_ends_with_the_stream() {
 }
 
 #[test]
-fn rtsp_camera_over_a_returned_track_pairs_every_frame_with_its_result() {
+fn rtsp_camera_comes_back_over_a_track_by_default_and_pairs_every_frame_with_its_result() {
     init();
     let worker = worker(|_| {});
     let frames = 60;
     let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
-    let pipeline = camera_pipeline(&worker, &camera.url(), "video-transport=track");
+    let pipeline = camera_pipeline(&worker, &camera.url(), "");
     let received = collect(&pipeline);
     let outcome = run(&pipeline, LIMIT);
     assert!(outcome.eos, "{:?}", outcome.error);
     let report = only_session(&worker);
+    assert_eq!(report.request["stream_output"], serde_json::json!(["image"]));
     assert_eq!(report.pull_start.as_deref(), Some("on_connected"), "a recvonly transceiver: processing starts with the connection");
     assert!(report.track_codec.is_some(), "the worker returned a track");
     let indices = check_accounted(&outcome, &report);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::cameras::{MjpegCamera, RtspCamera};
 use common::harness::*;
-use common::live::{index_of, rgb_color};
+use common::live::{COLOURS, index_of, rgb_color};
 use gst::prelude::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -64,15 +64,25 @@ fn collect(pipeline: &gst::Pipeline) -> Frames {
     frames
 }
 
-/// The camera frame each result's dominant colour tells, in order.
+/// The camera frame each result's dominant colour tells, in order. The
+/// colours repeat every 125 frames: each index is the first one at or after
+/// the previous with that colour (the server skips far fewer than 125), so a
+/// frame processed twice shows as an index that does not increase.
 fn result_indices(outcome: &Outcome) -> Vec<u64> {
+    let mut previous: Option<u64> = None;
     outcome
         .named("roboflow-inference")
         .iter()
         .map(|message| {
             let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
             let rgb = rgb_color(&json).unwrap_or_else(|| panic!("no rgb_color in {json}"));
-            index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"))
+            let colour = index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"));
+            let index = match previous {
+                None => colour,
+                Some(previous) => previous + (colour + COLOURS - previous % COLOURS) % COLOURS,
+            };
+            previous = Some(index);
+            index
         })
         .collect()
 }

@@ -106,8 +106,11 @@ pub fn session_properties() -> Vec<glib::ParamSpec> {
 
 /// The session's properties as roboflowresultsrc has them: a camera is live,
 /// so realtime processing is on by default (as in Roboflow's SDK, and the
-/// only way the server reads RTSP); `connect-timeout` also bounds the wait
-/// for a roboflowuploadsink when the source reads another element's session.
+/// only way the server reads RTSP), and the video comes back as a track (the
+/// server then processes from the connection on, not from before its answer:
+/// no result lost at the start, PROTOCOL.md §11); `connect-timeout` also
+/// bounds the wait for a roboflowuploadsink when the source reads another
+/// element's session.
 pub fn camera_session_properties() -> Vec<glib::ParamSpec> {
     session_properties()
         .into_iter()
@@ -116,6 +119,11 @@ pub fn camera_session_properties() -> Vec<glib::ParamSpec> {
                 .nick("Realtime processing")
                 .blurb("With source-url: the server reads the camera in real time and skips the frames it has no time for (false: every frame, in order; MJPEG only, the server cannot read RTSP that way)")
                 .default_value(true)
+                .mutable_ready()
+                .build(),
+            "video-transport" => glib::ParamSpecEnum::builder_with_default("video-transport", VideoTransport::Track)
+                .nick("Video transport")
+                .blurb("With source-url: how the returned video travels. track (default): a WebRTC video track; the server then starts processing once the connection is up, so no result is lost at the start. datachannel: JPEG on the data channel, every frame processed; the server starts processing before its answer and the results of the first frames (1-3 s of the camera) are lost")
                 .mutable_ready()
                 .build(),
             "connect-timeout" => ms_property(
@@ -132,7 +140,7 @@ pub fn camera_session_properties() -> Vec<glib::ParamSpec> {
 
 /// Settings with roboflowresultsrc's defaults (see `camera_session_properties`).
 pub fn camera_settings() -> UploadSettings {
-    UploadSettings { realtime_processing: true, ..UploadSettings::default() }
+    UploadSettings { realtime_processing: true, video_transport: VideoTransport::Track, ..UploadSettings::default() }
 }
 
 /// Sets `name` if it is a session property; false if it is not one.

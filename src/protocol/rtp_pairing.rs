@@ -59,6 +59,10 @@ pub const REANCHOR_VOTES: usize = 5;
 /// frame's newest JSON is not the first JSON.
 pub const STARTUP_VOTES: usize = 3;
 
+/// RTP frames remembered from the start, to find the first result's when
+/// frames were missed before it.
+const MAX_EARLY_FRAMES: usize = 256;
+
 /// Results older than the newest by more than this are forgotten: their
 /// frames were dropped by the server's codec and will never pair.
 const RESULT_HORIZON: Duration = Duration::from_secs(2);
@@ -145,6 +149,12 @@ pub struct TrackPairing<P> {
     frames: VecDeque<Frame<P>>,
     stragglers: VecDeque<Released<P>>,
     finishing: bool,
+    /// Frames processed, and their video sent, before the first result's
+    /// frame, whose results never come (a camera's frames before the
+    /// results channel opened): the first result is that many RTP frames in.
+    missed_at_start: usize,
+    /// Extended timestamps of the first RTP frames, in arrival order.
+    early_frames: Vec<i64>,
     stats: PairingStats,
 }
 
@@ -163,8 +173,18 @@ impl<P> TrackPairing<P> {
             frames: VecDeque::new(),
             stragglers: VecDeque::new(),
             finishing: false,
+            missed_at_start: 0,
+            early_frames: Vec::new(),
             stats: PairingStats::default(),
         }
+    }
+
+    /// The first result is not the first frame processed: `missed` frames
+    /// came before it (its frame_id - 1), whose video was sent but whose
+    /// results never come. The first result then belongs to RTP frame
+    /// `missed + 1`, not to the first.
+    pub fn expect_frames_without_results(&mut self, missed: u64) {
+        self.missed_at_start = usize::try_from(missed).unwrap_or(usize::MAX);
     }
 
     /// The negotiated clock rate, known once the track's codec is.
@@ -216,6 +236,9 @@ impl<P> TrackPairing<P> {
             return;
         }
         self.first_frame.get_or_insert(extended);
+        if self.early_frames.len() < MAX_EARLY_FRAMES {
+            self.early_frames.push(extended);
+        }
         self.frames.push_back(Frame {
             extended,
             arrived: now,
@@ -247,7 +270,7 @@ impl<P> TrackPairing<P> {
 
     /// Whether `origin` keeps the first RTP frame at or after the first JSON.
     fn plausible(&self, origin: i64) -> bool {
-        match (self.first_frame, self.first_result) {
+        match (self.anchor_frame(), self.first_result) {
             (Some(frame), Some(pts_ns)) => frame - origin >= self.ticks(pts_ns) - ORIGIN_TOLERANCE_TICKS,
             _ => true,
         }
@@ -262,10 +285,29 @@ impl<P> TrackPairing<P> {
             .max_by_key(|(_, count)| *count)
     }
 
+    /// The RTP frame of the first result: the first, unless frames were
+    /// missed at the start (None until it has arrived, or if it is beyond
+    /// the frames remembered).
+    fn anchor_frame(&self) -> Option<i64> {
+        if self.missed_at_start == 0 {
+            return self.first_frame;
+        }
+        self.early_frames.get(self.missed_at_start).copied()
+    }
+
     /// The origin at the start, or None while the first frame should wait.
     fn first_origin(&self, expired: bool) -> Option<i64> {
         let extended = self.first_frame?;
         let first_json = self.first_result.map(|pts_ns| extended - self.ticks(pts_ns));
+        if self.missed_at_start > 0 {
+            // The first result's RTP frame is known by its rank.
+            if let (Some(anchor), Some(pts_ns)) = (self.anchor_frame(), self.first_result) {
+                return Some(anchor - self.ticks(pts_ns));
+            }
+            if !expired {
+                return None;
+            }
+        }
         let newest = self.frames.front().and_then(|frame| frame.newest_at_arrival).or(self.newest);
         if newest.is_some() && newest == self.first_result {
             return first_json;
@@ -640,6 +682,32 @@ mod tests {
         }
         assert_eq!(script.pairs(), own_pairs(3..=14));
         assert_eq!(script.pairing.stats().reanchors, 0);
+    }
+
+    #[test]
+    fn video_of_frames_whose_results_never_come_does_not_shift_the_pairing() {
+        // A camera: the server processed frames 1-3 before the results
+        // channel opened; their video came, their JSON never will.
+        for order in ["json-first", "rtp-first"] {
+            let mut script = Script::new(9_000);
+            script.rtp(1, 2);
+            script.rtp(2, 1);
+            script.pairing.expect_frames_without_results(3);
+            script.rtp(3, 1);
+            for frame in 4..=14 {
+                if order == "json-first" {
+                    script.json(frame);
+                    script.rtp(frame, 2);
+                } else {
+                    script.rtp(frame, 2);
+                    script.json(frame);
+                }
+            }
+            script.advance(DEFAULT_HOLD * 2);
+            let pairs = script.pairs();
+            assert_eq!(pairs[..3], [(1, None), (2, None), (3, None)], "{order}: {pairs:?}");
+            assert_eq!(pairs[3..], own_pairs(4..=14)[..], "{order}: {pairs:?}");
+        }
     }
 
     #[test]

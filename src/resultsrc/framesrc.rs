@@ -167,6 +167,8 @@ struct Attached {
     /// The track is drained or gone: what the pairing holds goes out.
     track_done: bool,
     ended: bool,
+    /// Track transport: the frame_id of the first result.
+    pairing_started: Option<u64>,
     /// A camera: RTSP: running time minus the server's pts, fixed at the
     /// first result; MJPEG: the last PTS given (see `camera_pts`).
     timeline: Option<i128>,
@@ -430,6 +432,7 @@ impl FrameSrc {
             track_done: false,
             ended: false,
             timeline: None,
+            pairing_started: None,
         })
     }
 
@@ -630,6 +633,14 @@ impl FrameSrc {
             Input::Event(Ok(ResultEvent::Frame(frame))) => {
                 let result = self.on_frame(attached, &frame);
                 gst::trace!(CAT, "json {} pts {:?}", frame.frame_id, frame.pts_ns());
+                if attached.pairing_started.is_none() {
+                    // Frames the server processed before this one sent their
+                    // video but no result (a camera, PROTOCOL.md §11).
+                    attached.pairing_started = Some(frame.frame_id);
+                    if frame.frame_id > 1 {
+                        attached.pairing.expect_frames_without_results(frame.frame_id - 1);
+                    }
+                }
                 if let Some(pts) = frame.pts_ns() {
                     // In the map before the pairing can release the frame.
                     if let Some(result) = result {
