@@ -143,7 +143,11 @@ fn rtsp_camera(transport: &str) {
     assert!(after_end < Duration::from_secs(5), "EOS {after_end:?} after the camera's last frame");
 
     let received = received.lock().unwrap();
-    assert!(received.iter().all(|(pts, paired)| pts.is_some() && *paired), "every frame out carries its result and a PTS");
+    assert!(received.iter().all(|(pts, _)| pts.is_some()), "every frame out has a PTS");
+    // Frames processed before the results channel opened may come back
+    // (returned track) without a result; every other carries its own.
+    let unpaired = received.iter().filter(|(_, paired)| !paired).count() as u64;
+    assert!(unpaired <= stat(&summary, "results-missed") + 1, "{unpaired} frames without their result: {summary}");
     assert!(received.windows(2).all(|w| w[0].0 < w[1].0), "PTS increase");
     assert!(received.len() + 3 >= indices.len(), "the returned video: {} frames for {} results", received.len(), indices.len());
     for message in &outcome.messages {
@@ -208,7 +212,10 @@ fn mjpeg_camera_without_realtime_processes_every_frame() {
     eprintln!("{} results, {missed} missed at the start; {summary}", indices.len());
     assert_eq!(indices, (missed..frames).collect::<Vec<_>>(), "every frame after those processed before the channel opened");
     assert!(stat(&summary, "acks-sent") > 0);
-    assert_eq!(received.lock().unwrap().len(), indices.len());
+    let received = received.lock().unwrap();
+    let paired = received.iter().filter(|(_, paired)| *paired).count();
+    assert_eq!(paired, indices.len(), "a returned frame for every result: {summary}");
+    assert!(received.len() as u64 <= indices.len() as u64 + missed, "and at most the missed frames without one");
 }
 
 #[test]

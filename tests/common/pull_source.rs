@@ -47,7 +47,7 @@ use tokio::sync::Notify;
 
 use super::{
     CLOSE_LINGER, DecodedFrame, JpegEncoder, RtpEncoder, Session, WorkerConfig, deliver_result,
-    inverted_frame, iso_time_now, send_completion, summarize_frame, wait_for_ack_window,
+    inverted_frame, iso_time_now, send_completion, send_track_frame, summarize_frame, wait_for_ack_window,
 };
 
 /// The server drains its player's queue to this many frames before each
@@ -888,9 +888,14 @@ async fn process(session: &Arc<Session>, source: &PullSource) -> Outcome {
             report.pull_processed_pts.push(frame.pts);
             report.pull_colors.push(summary.mean_rgb);
         });
-        // The server sends a result only while `inference` is open.
+        // The server sends a result only while `inference` is open; the
+        // frame itself still goes to its outgoing track (its recv() returns
+        // it to the sender whatever became of the JSON).
         let Some(control) = session.control_channel() else {
             session.update(|report| report.pull_results_lost_before_channel += 1);
+            if let Some(track) = &session.track {
+                send_track_frame(session, track, frame_id, &mut summary, &mut encoder).await;
+            }
             continue;
         };
         if !deliver_result(session, &control, frame_id, &mut summary, &mut encoder).await {
