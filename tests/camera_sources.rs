@@ -10,9 +10,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cameras::{MjpegCamera, RtspCamera};
+use common::cameras::{MjpegCamera, RtspCamera, result_indices, result_summary, stat};
 use common::harness::*;
-use common::live::{index_of, rgb_color};
+use common::live::index_of;
 use common::worker::{SessionReport, TestWorker, WorkerConfig};
 use gst::prelude::*;
 
@@ -76,32 +76,14 @@ fn only_session(worker: &TestWorker) -> SessionReport {
     sessions.into_iter().next().unwrap()
 }
 
-fn summary(outcome: &Outcome) -> gst::Structure {
-    outcome.named("roboflow-result-summary").first().map(|s| (*s).clone()).expect("a roboflow-result-summary message")
-}
 
-fn stat(structure: &gst::Structure, name: &str) -> u64 {
-    structure.get::<u64>(name).unwrap_or_else(|_| panic!("no {name} in {structure}"))
-}
 
-/// The camera frame index each result's dominant colour tells, in order.
-fn result_indices(outcome: &Outcome) -> Vec<u64> {
-    outcome
-        .named("roboflow-inference")
-        .iter()
-        .map(|message| {
-            let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
-            let rgb = rgb_color(&json).unwrap_or_else(|| panic!("no rgb_color in {json}"));
-            index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"))
-        })
-        .collect()
-}
 
 /// Every frame the worker processed is a result or counted as missed; the
 /// results are the camera's frames in order, each once.
 fn check_accounted(outcome: &Outcome, report: &SessionReport) -> Vec<u64> {
     let results = outcome.named("roboflow-inference").len() as u64;
-    let summary = summary(outcome);
+    let summary = result_summary(outcome);
     assert_eq!(stat(&summary, "frames-received"), results);
     assert_eq!(
         results + stat(&summary, "results-missed"),
@@ -163,7 +145,7 @@ fn rtsp_camera_comes_back_over_a_track_by_default_and_pairs_every_frame_with_its
     assert!(report.track_codec.is_some(), "the worker returned a track");
     let indices = check_accounted(&outcome, &report);
     let received = received.lock().unwrap();
-    let summary = summary(&outcome);
+    let summary = result_summary(&outcome);
     // The frames processed before the results channel opened come back
     // without a result; every other frame carries its own.
     let missed = stat(&summary, "results-missed");
@@ -249,10 +231,10 @@ fn mjpeg_without_realtime_processes_every_frame_in_order() {
     assert_eq!(report.request["mjpeg_url"], camera.url());
     assert_eq!(report.request["webrtc_realtime_processing"], false);
     let indices = check_accounted(&outcome, &report);
-    let missed = stat(&summary(&outcome), "results-missed");
+    let missed = stat(&result_summary(&outcome), "results-missed");
     assert_eq!(indices, (missed..u64::from(frames)).collect::<Vec<_>>(), "every frame after those missed at the start");
     assert_eq!(report.pull_frames_dropped_realtime, 0);
-    assert!(stat(&summary(&outcome), "acks-sent") > 0, "acks pace the server");
+    assert!(stat(&result_summary(&outcome), "acks-sent") > 0, "acks pace the server");
     let received = received.lock().unwrap();
     let with_result = received.iter().filter(|(_, frame_id, _)| frame_id.is_some()).count();
     assert_eq!(with_result, indices.len(), "a returned frame for every result");

@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cameras::{MjpegCamera, RtspCamera};
+use common::cameras::{MjpegCamera, RtspCamera, result_indices, result_summary, stat};
 use common::harness::*;
-use common::live::{COLOURS, index_of, rgb_color};
 use gst::prelude::*;
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -64,36 +63,8 @@ fn collect(pipeline: &gst::Pipeline) -> Frames {
     frames
 }
 
-/// The camera frame each result's dominant colour tells, in order. The
-/// colours repeat every 125 frames: each index is the first one at or after
-/// the previous with that colour (the server skips far fewer than 125), so a
-/// frame processed twice shows as an index that does not increase.
-fn result_indices(outcome: &Outcome) -> Vec<u64> {
-    let mut previous: Option<u64> = None;
-    outcome
-        .named("roboflow-inference")
-        .iter()
-        .map(|message| {
-            let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
-            let rgb = rgb_color(&json).unwrap_or_else(|| panic!("no rgb_color in {json}"));
-            let colour = index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"));
-            let index = match previous {
-                None => colour,
-                Some(previous) => previous + (colour + COLOURS - previous % COLOURS) % COLOURS,
-            };
-            previous = Some(index);
-            index
-        })
-        .collect()
-}
 
-fn summary(outcome: &Outcome) -> gst::Structure {
-    outcome.named("roboflow-result-summary").first().map(|s| (*s).clone()).expect("a roboflow-result-summary message")
-}
 
-fn stat(structure: &gst::Structure, name: &str) -> u64 {
-    structure.get::<u64>(name).unwrap_or_else(|_| panic!("no {name} in {structure}"))
-}
 
 /// Runs `pipeline` and returns the outcome and the time from the camera's
 /// last frame to the EOS.
@@ -130,7 +101,7 @@ fn rtsp_camera(transport: &str) {
     let first = *indices.first().expect("results");
     let after_first = frames - first;
     let share = indices.len() as f64 / after_first as f64;
-    let summary = summary(&outcome);
+    let summary = result_summary(&outcome);
     eprintln!(
         "{transport}: {} results of {frames} frames; first result: frame {first} ({} processed before the results channel opened); \
          {:.1} % of the frames after it; EOS {after_end:?} after the camera's last frame; {summary}",
@@ -207,7 +178,7 @@ fn mjpeg_camera_without_realtime_processes_every_frame() {
     let outcome = run(&pipeline, LIMIT);
     assert!(outcome.eos, "{:?}", outcome.error);
     let indices = result_indices(&outcome);
-    let summary = summary(&outcome);
+    let summary = result_summary(&outcome);
     let missed = stat(&summary, "results-missed");
     eprintln!("{} results, {missed} missed at the start; {summary}", indices.len());
     assert_eq!(indices, (missed..frames).collect::<Vec<_>>(), "every frame after those processed before the channel opened");

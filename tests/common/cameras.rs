@@ -467,3 +467,47 @@ fn encode_jpegs(count: u32, width: u32, height: u32) -> Result<Vec<Vec<u8>>, Str
     let _ = pipeline.set_state(gst::State::Null);
     result
 }
+
+// ---------------------------------------------------------------------------
+// Checks on a camera session's outcome
+// ---------------------------------------------------------------------------
+
+/// The camera frame each `roboflow-inference` message's dominant colour
+/// (`rgb_color`) tells, in order. The colours repeat every
+/// [`super::live::COLOURS`] frames: each index is the first one at or after
+/// the previous with that colour (a server skips far fewer), so a frame
+/// processed twice shows as an index that does not increase.
+pub fn result_indices(outcome: &super::harness::Outcome) -> Vec<u64> {
+    use super::live::{COLOURS, index_of, rgb_color};
+    let mut previous: Option<u64> = None;
+    outcome
+        .named("roboflow-inference")
+        .iter()
+        .map(|message| {
+            let json: serde_json::Value = serde_json::from_str(message.get::<&str>("json").unwrap()).unwrap();
+            let rgb = rgb_color(&json).unwrap_or_else(|| panic!("no rgb_color in {json}"));
+            let colour = index_of(rgb).unwrap_or_else(|| panic!("colour {rgb:?} is no camera frame's"));
+            let index = match previous {
+                None => colour,
+                Some(previous) => previous + (colour + COLOURS - previous % COLOURS) % COLOURS,
+            };
+            previous = Some(index);
+            index
+        })
+        .collect()
+}
+
+/// The result source's `roboflow-result-summary` message.
+pub fn result_summary(outcome: &super::harness::Outcome) -> gst::Structure {
+    outcome
+        .named("roboflow-result-summary")
+        .first()
+        .map(|s| (*s).clone())
+        .expect("a roboflow-result-summary message")
+}
+
+pub fn stat(structure: &gst::Structure, name: &str) -> u64 {
+    structure
+        .get::<u64>(name)
+        .unwrap_or_else(|_| panic!("no {name} in {structure}"))
+}

@@ -48,7 +48,7 @@ use webrtc::peer_connection::Registry;
 
 use super::{
     DecodedFrame, Fault, JpegEncoder, OfferedCodec, RtpEncoder, Session, TrackCodec,
-    VIDEO_CLOCK_RATE, deliver_result, inverted_frame, send_processing_complete, summarize_frame,
+    VIDEO_CLOCK_RATE, deliver_result, send_processing_complete,
 };
 
 /// The client's track as the offer described it.
@@ -811,40 +811,10 @@ async fn process_live(session: Arc<Session>, queue: Arc<LiveQueue>) {
         }
         let frame_id = last_frame_id + 1;
         last_frame_id = frame_id;
-        let wants_jpeg = session.outputs.lock().unwrap().wants_image();
-        let track_image = session.track.is_some();
-        let idle = jpeg.take();
-        let sample = picture.sample;
-        let summarized = tokio::task::spawn_blocking(move || {
-            let mut idle = idle;
-            let jpeg_bytes = if wants_jpeg {
-                let encoder = match &mut idle {
-                    Some(encoder) => encoder,
-                    None => idle.insert(JpegEncoder::new()?),
-                };
-                Some(encoder.encode(&sample)?)
-            } else {
-                None
-            };
-            let mut frame = summarize_frame(&sample, jpeg_bytes)?;
-            if track_image {
-                frame.image = Some(inverted_frame(&sample)?);
-            }
-            Ok::<_, String>((frame, idle))
-        })
-        .await;
-        let mut frame: DecodedFrame = match summarized {
-            Ok(Ok((frame, idle))) => {
-                jpeg = idle;
-                frame
-            }
-            Ok(Err(err)) => {
-                let error = format!("frame {frame_id}: {err}");
-                session.update(|report| report.live_decode_errors.push(error));
-                continue;
-            }
+        let mut frame: DecodedFrame = match super::summarize_sample(&session, picture.sample, &mut jpeg).await {
+            Ok(frame) => frame,
             Err(err) => {
-                let error = format!("frame {frame_id}: summary task: {err}");
+                let error = format!("frame {frame_id}: {err}");
                 session.update(|report| report.live_decode_errors.push(error));
                 continue;
             }

@@ -47,7 +47,7 @@ use tokio::sync::Notify;
 
 use super::{
     CLOSE_LINGER, DecodedFrame, JpegEncoder, RtpEncoder, Session, WorkerConfig, deliver_result,
-    inverted_frame, iso_time_now, send_completion, send_track_frame, summarize_frame, wait_for_ack_window,
+    iso_time_now, send_completion, send_track_frame, summarize_sample, wait_for_ack_window,
 };
 
 /// The server drains its player's queue to this many frames before each
@@ -315,18 +315,7 @@ impl PullSource {
         let decode = gst::ElementFactory::make("decodebin")
             .build()
             .map_err(|e| format!("decodebin: {e}"))?;
-        source.connect_pad_added({
-            let decode = decode.downgrade();
-            move |_, pad| {
-                if let Some(sink) = decode
-                    .upgrade()
-                    .and_then(|decode| decode.static_pad("sink"))
-                    && !sink.is_linked()
-                {
-                    let _ = pad.link(&sink);
-                }
-            }
-        });
+        link_when_added(&source, &decode);
         pipeline
             .add_many([&source, &decode])
             .map_err(|e| e.to_string())?;
@@ -345,18 +334,7 @@ impl PullSource {
         let decode = gst::ElementFactory::make("decodebin")
             .build()
             .map_err(|e| format!("decodebin: {e}"))?;
-        demux.connect_pad_added({
-            let decode = decode.downgrade();
-            move |_, pad| {
-                if let Some(sink) = decode
-                    .upgrade()
-                    .and_then(|decode| decode.static_pad("sink"))
-                    && !sink.is_linked()
-                {
-                    let _ = pad.link(&sink);
-                }
-            }
-        });
+        link_when_added(&demux, &decode);
         pipeline
             .add_many([appsrc.upcast_ref(), &demux, &decode])
             .map_err(|e| e.to_string())?;
@@ -846,34 +824,8 @@ async fn process(session: &Arc<Session>, source: &PullSource) -> Outcome {
             }
         }
         last_frame_id = frame_id;
-        let wants_jpeg = session.outputs.lock().unwrap().wants_image();
-        let track_image = session.track.is_some();
-        let idle = jpeg.take();
-        let sample = frame.sample;
-        let summarized = tokio::task::spawn_blocking(move || {
-            let mut idle = idle;
-            let jpeg_bytes = if wants_jpeg {
-                let encoder = match &mut idle {
-                    Some(encoder) => encoder,
-                    None => idle.insert(JpegEncoder::new()?),
-                };
-                Some(encoder.encode(&sample)?)
-            } else {
-                None
-            };
-            let mut summary = summarize_frame(&sample, jpeg_bytes)?;
-            if track_image {
-                summary.image = Some(inverted_frame(&sample)?);
-            }
-            Ok::<_, String>((summary, idle))
-        })
-        .await
-        .unwrap_or_else(|err| Err(format!("summary task: {err}")));
-        let mut summary: DecodedFrame = match summarized {
-            Ok((summary, idle)) => {
-                jpeg = idle;
-                summary
-            }
+        let mut summary: DecodedFrame = match summarize_sample(session, frame.sample, &mut jpeg).await {
+            Ok(summary) => summary,
             Err(err) => {
                 session
                     .update(|report| report.pull_errors.push(format!("frame {frame_id}: {err}")));
@@ -943,4 +895,16 @@ fn completion_message(last_frame_id: u32, reason: Option<&str>) -> Value {
         "processing_complete": true,
         "termination_reason": reason,
     })
+}
+
+/// Links `from`'s first pad that appears to `decode`'s sink pad.
+fn link_when_added(from: &gst::Element, decode: &gst::Element) {
+    let decode = decode.downgrade();
+    from.connect_pad_added(move |_, pad| {
+        if let Some(sink) = decode.upgrade().and_then(|decode| decode.static_pad("sink"))
+            && !sink.is_linked()
+        {
+            let _ = pad.link(&sink);
+        }
+    });
 }

@@ -2269,6 +2269,40 @@ fn decode_video(
     result
 }
 
+/// A decoded picture as the Workflow sees it, summarized off the runtime's
+/// threads: its JPEG when the outputs want images (with the session's idle
+/// encoder, kept in `jpeg`), and the inverted image for a returned track.
+async fn summarize_sample(
+    session: &Session,
+    sample: gst::Sample,
+    jpeg: &mut Option<JpegEncoder>,
+) -> Result<DecodedFrame, String> {
+    let wants_jpeg = session.outputs.lock().unwrap().wants_image();
+    let track_image = session.track.is_some();
+    let idle = jpeg.take();
+    let (summary, idle) = tokio::task::spawn_blocking(move || {
+        let mut idle = idle;
+        let jpeg_bytes = if wants_jpeg {
+            let encoder = match &mut idle {
+                Some(encoder) => encoder,
+                None => idle.insert(JpegEncoder::new()?),
+            };
+            Some(encoder.encode(&sample)?)
+        } else {
+            None
+        };
+        let mut summary = summarize_frame(&sample, jpeg_bytes)?;
+        if track_image {
+            summary.image = Some(inverted_frame(&sample)?);
+        }
+        Ok::<_, String>((summary, idle))
+    })
+    .await
+    .map_err(|err| format!("summary task: {err}"))??;
+    *jpeg = idle;
+    Ok(summary)
+}
+
 fn summarize_frame(sample: &gst::Sample, jpeg: Option<Vec<u8>>) -> Result<DecodedFrame, String> {
     let caps = sample.caps().ok_or("sample without caps")?;
     let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| e.to_string())?;
