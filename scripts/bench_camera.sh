@@ -224,6 +224,7 @@ rows = [
     ("  first camera frame with a result", "camera_first", 0),
     ("  last camera frame with a result", "camera_last", 0),
     ("client CPU (user+sys, GNU time), s", "cpu_seconds", 2),
+    ("  of which the SDK's imports (getrusage), s", "cpu_seconds_imports", 2),
     ("  CPU per decoded frame, ms", "cpu_per_frame", 2),
     ("client peak RSS (GNU time), MiB", "rss", 0),
     ("client wall time (GNU time), s", "process_wall", 1),
@@ -265,11 +266,13 @@ if cpu.get("ours_over_sdk") is not None:
     print()
     print(f"issue #10 goal (client CPU <= 0.3x the SDK's): {ratio:.2f}x, {'met' if ratio <= 0.3 else 'NOT met'}")
 print()
+def fmt(value, digits):
+    return "-" if value is None else f"{value:.{digits}f}"
 for j in sorted(jobs, key=lambda j: (j["run"], j["client"])):
     line = (f"   {j['client']} run {j['run']}: {j['status']}, results {j.get('results')}, decoded {j.get('frames_decoded')}"
             f", camera frames {j.get('camera_first')}-{j.get('camera_last')} ({j.get('camera_distinct')} distinct)"
-            f", CPU {j.get('cpu_seconds')} s, RSS {round(j['peak_rss_kib'] / 1024) if j.get('peak_rss_kib') else '-'} MiB"
-            f", wall {j.get('process_wall')} s, load {j.get('load_before')}-{j.get('load_after')}")
+            f", CPU {fmt(j.get('cpu_seconds'), 2)} s, RSS {fmt(j['peak_rss_kib'] / 1024 if j.get('peak_rss_kib') else None, 0)} MiB"
+            f", wall {fmt(j.get('process_wall'), 1)} s, load {j.get('load_before')}-{j.get('load_after')}")
     if j["client"] == "sdk":
         line += f", on_frame {j.get('frames_delivered')}, ended: {j.get('ended')}"
     else:

@@ -33,7 +33,8 @@ A watchdog closes the session (session.close(), which ends run()) when
 nothing arrived for --idle-timeout seconds after the first frame or result,
 or when nothing arrived within --start-timeout seconds.
 CPU and peak RSS: getrusage(RUSAGE_SELF) and VmHWM at the end (the imports
-included); bench_camera.sh also runs this under GNU time.
+included; cpu_seconds_imports: the CPU used once the SDK is imported, before
+the session); bench_camera.sh also runs this under GNU time.
 """
 
 import argparse
@@ -67,6 +68,7 @@ def main() -> int:
     from inference_sdk import InferenceHTTPClient
     from inference_sdk.webrtc import RTSPSource, StreamConfig
 
+    imported = resource.getrusage(resource.RUSAGE_SELF)
     with open(args.workflow_spec_file) as f:
         spec = json.load(f)
     spec = spec.get("specification", spec)
@@ -192,6 +194,7 @@ def main() -> int:
         "total_time": total_time,
         "ended": ("watchdog: " + watchdog_reason[0]) if watchdog_reason else "stream end",
         "cpu_seconds_self": usage.ru_utime + usage.ru_stime,
+        "cpu_seconds_imports": imported.ru_utime + imported.ru_stime,
         "peak_rss_kib_self": status.get("VmHWM"),
         "error": error,
         "camera_indices": frames["indices"],
