@@ -128,33 +128,8 @@ run_job() { # client mode label file timeout run
     rc=$?
     set -e
     load_after="$(cut -d' ' -f1 /proc/loadavg)"
-    "$PY" - "$LOGS/$name" "$client" "$mode" "$label" "$run" "$rc" "$load_before" "$load_after" >>"$RESULTS" <<'EOF'
-import json, re, sys
-base, client, mode, label, run, rc, load_before, load_after = sys.argv[1:]
-rc = int(rc)
-job = {}
-for line in open(base + ".out", errors="replace"):
-    if line.startswith("{"):
-        job = json.loads(line)
-gnu = open(base + ".time", errors="replace").read()
-def field(pattern):
-    m = re.search(pattern, gnu)
-    return m.group(1) if m else None
-wall = field(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)")
-seconds = None
-if wall:
-    parts = [float(p) for p in wall.split(":")]
-    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-user, system, rss = field(r"User time \(seconds\): (\S+)"), field(r"System time \(seconds\): (\S+)"), field(r"Maximum resident set size \(kbytes\): (\d+)")
-status = {0: "ok", 1: "error", 124: "timeout", 137: "timeout"}.get(rc, f"exit {rc}")
-if status == "ok" and not job:
-    status = "no output"
-job.update(client=client, mode=mode, label=label, run=int(run), status=status, exit_code=rc,
-           cpu_seconds=(float(user) + float(system)) if user and system else None,
-           peak_rss_kib=int(rss) if rss else None, process_wall=seconds,
-           load_before=float(load_before), load_after=float(load_after), log=base)
-print(json.dumps(job))
-EOF
+    "$PY" scripts/bench_common.py job "$LOGS/$name" "$rc" client="$client" mode="$mode" label="$label" \
+        run="$run" load_before="$load_before" load_after="$load_after" >>"$RESULTS"
     tail -n 1 "$RESULTS" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print("bench:   ", j["status"], "total %.1f s" % j["total_time"] if j.get("total_time") else "", "results", j.get("frames"), "video", j.get("video_frames"), (j.get("error") or "")[:200], file=sys.stderr)'
 }
 

@@ -146,30 +146,8 @@ run_job() { # client realtime run
         >"$LOGS/$name.out" 2>"$LOGS/$name.err"
     rc=$?
     set -e
-    "$PY" - "$LOGS/$name" "$client" "$realtime" "$run" "$rc" "$load_before" >>"$RESULTS" <<'EOF'
-import json, re, sys
-base, client, realtime, run, rc, load_before = sys.argv[1:]
-rc = int(rc)
-job = {}
-for line in open(base + ".out", errors="replace"):
-    if line.startswith("{"):
-        job = json.loads(line)
-gnu = open(base + ".time", errors="replace").read()
-def field(pattern):
-    m = re.search(pattern, gnu)
-    return m.group(1) if m else None
-user, system = field(r"User time \(seconds\): (\S+)"), field(r"System time \(seconds\): (\S+)")
-rss = field(r"Maximum resident set size \(kbytes\): (\d+)")
-status = {0: "ok", 1: "error", 2: "error", 124: "timeout", 137: "timeout"}.get(rc, f"exit {rc}")
-if not job:
-    status = f"no output ({status})"
-    err = open(base + ".err", errors="replace").read().strip().splitlines()
-    job["error"] = " | ".join(err[-3:])
-job.update(client=client, realtime=realtime == "1", run=int(run), status=status, exit_code=rc,
-           cpu_seconds=(float(user) + float(system)) if user and system else None,
-           peak_rss_kib=int(rss) if rss else None, load_before=float(load_before), log=base)
-print(json.dumps(job))
-EOF
+    "$PY" scripts/bench_common.py job "$LOGS/$name" "$rc" client="$client" \
+        realtime="$([ "$realtime" = 1 ] && echo true || echo false)" run="$run" load_before="$load_before" >>"$RESULTS"
     tail -n 1 "$RESULTS" | "$PY" -c 'import json,sys; j=json.load(sys.stdin); print("bench_live:   ", j["status"], "results %s/%s" % (j.get("results"), j.get("frames_sent")), "pairing errors", j.get("pairing_errors"), "p50 %s ms" % (round(j["latency_ms_p50"]) if j.get("latency_ms_p50") is not None else "-"), "ended", j.get("ended", "-"), (j.get("error") or "")[:300], file=sys.stderr)'
 }
 
