@@ -468,8 +468,8 @@ impl FrameSrc {
                 return Err(Stop::Eos);
             }
             if attached.output == Output::Rtp {
-                if let Some(buffer) = self.next_rtp(attached)? {
-                    return Ok(CreateSuccess::NewBuffer(buffer));
+                if let Some(released) = self.next_rtp(attached)? {
+                    return Ok(released);
                 }
                 continue;
             }
@@ -606,14 +606,20 @@ impl FrameSrc {
 
     /// One step of track transport: a packet ready to push, or None after
     /// taking in one input (a result, a packet, or a hold that ran out).
-    fn next_rtp(&self, attached: &mut Attached) -> Result<Option<gst::Buffer>, Stop> {
-        if let Some(released) = attached.pairing.poll_packet(Instant::now()) {
-            return Ok(rtp_buffer(released));
+    fn next_rtp(&self, attached: &mut Attached) -> Result<Option<CreateSuccess>, Stop> {
+        // Packets already here go in without a wait, and everything the
+        // pairing can release leaves as one list: a frame's packets cost one
+        // push and one queue hand-over, not one each.
+        while let Some(input) = attached.link.ready_track_input() {
+            self.on_rtp_input(attached, input)?;
+        }
+        if let Some(released) = released_packets(&mut attached.pairing) {
+            return Ok(Some(released));
         }
         if attached.track_done {
             attached.pairing.finish();
-            if let Some(released) = attached.pairing.poll_packet(Instant::now()) {
-                return Ok(rtp_buffer(released));
+            if let Some(released) = released_packets(&mut attached.pairing) {
+                return Ok(Some(released));
             }
             attached.ended = true;
             return Ok(None);
@@ -628,6 +634,12 @@ impl FrameSrc {
             || format!("neither results nor video from the server for {:.1} s (stall-timeout)", stall.as_secs_f64()),
             attached.link.next_input(attached.draining, deadline),
         )?;
+        self.on_rtp_input(attached, input)?;
+        Ok(None)
+    }
+
+    /// Takes in one input of track transport.
+    fn on_rtp_input(&self, attached: &mut Attached, input: Input) -> Result<(), Stop> {
         let now = Instant::now();
         match input {
             Input::Event(Ok(ResultEvent::Frame(frame))) => {
@@ -681,7 +693,19 @@ impl FrameSrc {
             }
             Input::HoldOver => {}
         }
-        Ok(None)
+        Ok(())
+    }
+}
+
+/// Every packet the pairing releases now, as one buffer or one list; None
+/// when it holds them all.
+fn released_packets(pairing: &mut TrackPairing<Bytes>) -> Option<CreateSuccess> {
+    let now = Instant::now();
+    let mut buffers: Vec<gst::Buffer> = std::iter::from_fn(|| pairing.poll_packet(now)).filter_map(rtp_buffer).collect();
+    match buffers.len() {
+        0 => None,
+        1 => buffers.pop().map(CreateSuccess::NewBuffer),
+        _ => Some(CreateSuccess::NewBufferList(gst::BufferList::from_iter(buffers))),
     }
 }
 
@@ -791,6 +815,15 @@ impl SessionLink {
         let track = if settings.output == Output::Rtp { stream.take_track() } else { None };
         stream.enable_acks(ack_lead);
         SessionLink { stream, settings, track }
+    }
+
+    /// A track item already waiting, taken without a wait (None when none
+    /// is, or the track is gone: `next_input` reports that).
+    fn ready_track_input(&mut self) -> Option<Input> {
+        match self.track.as_mut()?.try_recv().ok()? {
+            TrackItem::Codec { mime_type, clock_rate, payload_type } => Some(Input::Codec { mime_type, clock_rate, payload_type }),
+            TrackItem::Packet(bytes) => Some(Input::Packet(bytes)),
+        }
     }
 
     fn frames_received(&self) -> u64 {
