@@ -179,14 +179,6 @@ impl<P> TrackPairing<P> {
         }
     }
 
-    /// The first result is not the first frame processed: `missed` frames
-    /// came before it (its frame_id - 1), whose video was sent but whose
-    /// results never come. The first result then belongs to RTP frame
-    /// `missed + 1`, not to the first.
-    pub fn expect_frames_without_results(&mut self, missed: u64) {
-        self.missed_at_start = usize::try_from(missed).unwrap_or(usize::MAX);
-    }
-
     /// The negotiated clock rate, known once the track's codec is.
     pub fn set_clock_rate(&mut self, clock_rate: u32) {
         self.clock_rate = clock_rate.max(1);
@@ -212,8 +204,15 @@ impl<P> TrackPairing<P> {
         (ticks >= 0).then(|| (i128::from(ticks) * 1_000_000_000 / i128::from(self.clock_rate)) as u64)
     }
 
-    /// The JSON of the frame at `pts_ns` arrived.
-    pub fn on_result(&mut self, pts_ns: u64) {
+    /// The JSON of the frame at `pts_ns`, the server's `frame_id`-th
+    /// processed frame, arrived. A first JSON whose frame_id is above 1
+    /// comes after frames whose video was sent but whose results never come
+    /// (a camera's frames processed before the results channel opened): it
+    /// then belongs to RTP frame `frame_id`, not to the first.
+    pub fn on_result(&mut self, pts_ns: u64, frame_id: u64) {
+        if self.first_result.is_none() {
+            self.missed_at_start = usize::try_from(frame_id.saturating_sub(1)).unwrap_or(usize::MAX);
+        }
         self.results.insert(pts_ns, ());
         self.newest = Some(pts_ns);
         self.first_result.get_or_insert(pts_ns);
@@ -490,7 +489,8 @@ mod tests {
         }
 
         fn json(&mut self, frame: u64) {
-            self.pairing.on_result(pts(frame));
+            // The server counts its processed frames: frame N's is N.
+            self.pairing.on_result(pts(frame), frame);
             self.drain();
         }
 
@@ -692,7 +692,6 @@ mod tests {
             let mut script = Script::new(9_000);
             script.rtp(1, 2);
             script.rtp(2, 1);
-            script.pairing.expect_frames_without_results(3);
             script.rtp(3, 1);
             for frame in 4..=14 {
                 if order == "json-first" {

@@ -167,8 +167,6 @@ struct Attached {
     /// The track is drained or gone: what the pairing holds goes out.
     track_done: bool,
     ended: bool,
-    /// Track transport: the frame_id of the first result.
-    pairing_started: Option<u64>,
     /// A camera: RTSP: running time minus the server's pts, fixed at the
     /// first result; MJPEG: the last PTS given (see `camera_pts`).
     timeline: Option<i128>,
@@ -432,7 +430,6 @@ impl FrameSrc {
             track_done: false,
             ended: false,
             timeline: None,
-            pairing_started: None,
         })
     }
 
@@ -645,20 +642,12 @@ impl FrameSrc {
             Input::Event(Ok(ResultEvent::Frame(frame))) => {
                 let result = self.on_frame(attached, &frame);
                 gst::trace!(CAT, "json {} pts {:?}", frame.frame_id, frame.pts_ns());
-                if attached.pairing_started.is_none() {
-                    // Frames the server processed before this one sent their
-                    // video but no result (a camera, PROTOCOL.md §11).
-                    attached.pairing_started = Some(frame.frame_id);
-                    if frame.frame_id > 1 {
-                        attached.pairing.expect_frames_without_results(frame.frame_id - 1);
-                    }
-                }
                 if let Some(pts) = frame.pts_ns() {
                     // In the map before the pairing can release the frame.
                     if let Some(result) = result {
                         self.shared.lock().unwrap().results.lock().unwrap().insert(pts, result);
                     }
-                    attached.pairing.on_result(pts);
+                    attached.pairing.on_result(pts, frame.frame_id);
                 }
                 self.send_ack(attached, frame.frame_id);
             }
@@ -787,6 +776,15 @@ enum Input {
     HoldOver,
 }
 
+impl From<TrackItem> for Input {
+    fn from(item: TrackItem) -> Self {
+        match item {
+            TrackItem::Codec { mime_type, clock_rate, payload_type } => Input::Codec { mime_type, clock_rate, payload_type },
+            TrackItem::Packet(bytes) => Input::Packet(bytes),
+        }
+    }
+}
+
 /// The source's hold on a session: its result stream, its returned track.
 /// Dropping it lets go of the session.
 struct SessionLink {
@@ -820,10 +818,7 @@ impl SessionLink {
     /// A track item already waiting, taken without a wait (None when none
     /// is, or the track is gone: `next_input` reports that).
     fn ready_track_input(&mut self) -> Option<Input> {
-        match self.track.as_mut()?.try_recv().ok()? {
-            TrackItem::Codec { mime_type, clock_rate, payload_type } => Some(Input::Codec { mime_type, clock_rate, payload_type }),
-            TrackItem::Packet(bytes) => Some(Input::Packet(bytes)),
-        }
+        self.track.as_mut()?.try_recv().ok().map(Input::from)
     }
 
     fn frames_received(&self) -> u64 {
@@ -871,8 +866,7 @@ impl SessionLink {
             }
         };
         match item {
-            Some(TrackItem::Codec { mime_type, clock_rate, payload_type }) => Input::Codec { mime_type, clock_rate, payload_type },
-            Some(TrackItem::Packet(bytes)) => Input::Packet(bytes),
+            Some(item) => Input::from(item),
             None => {
                 *track = None;
                 Input::TrackClosed

@@ -258,7 +258,7 @@ pub struct SessionCore {
     /// The highest frame_id of a result so far, and the gaps below it.
     last_frame_id: u64,
     results_missed: u64,
-    /// The gaps, for acks turned on after they were seen.
+    /// The gaps seen while acks were off, for when they are turned on.
     missed_ranges: Vec<(u64, u64)>,
 }
 
@@ -586,10 +586,16 @@ impl SessionCore {
             let missed = frame_id - self.last_frame_id - 1;
             if missed > 0 {
                 self.results_missed += missed;
-                // They will never be handled: acks must not wait for them.
-                self.missed_ranges.push((self.last_frame_id + 1, frame_id - 1));
-                if let Some(ack) = self.acks.as_mut().and_then(|acks| acks.skip(self.last_frame_id + 1, frame_id - 1)) {
-                    out.push(Output::SendControl(ack_message(ack)));
+                // They will never be handled: acks must not wait for them
+                // (kept for acks turned on later).
+                let (first, last) = (self.last_frame_id + 1, frame_id - 1);
+                match self.acks.as_mut() {
+                    Some(acks) => {
+                        if let Some(ack) = acks.skip(first, last) {
+                            out.push(Output::SendControl(ack_message(ack)));
+                        }
+                    }
+                    None => self.missed_ranges.push((first, last)),
                 }
             }
             self.last_frame_id = frame_id;
