@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::Read as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::results::Results;
 use common::video_track::{RtpEncoder, TrackCodec};
 use common::worker::{SessionReport, TestWorker, WorkerConfig};
 use rtc::ice::mdns::MulticastDnsMode;
@@ -232,50 +231,6 @@ fn encode_frames(options: &ClientOptions) -> Vec<(Vec<rtp::Packet>, [u8; 3])> {
             (packets, color)
         })
         .collect()
-}
-
-/// Reassembles result messages (§5): `[frame_id][chunk][total]` + payload, gzip or not.
-#[derive(Default)]
-struct Results {
-    partial: HashMap<u32, Vec<Option<Vec<u8>>>>,
-}
-
-impl Results {
-    fn take(&mut self, message: &[u8]) -> Option<Value> {
-        let word = |at: usize| u32::from_le_bytes(message[at..at + 4].try_into().unwrap());
-        assert!(
-            message.len() >= 12,
-            "result message of {} bytes",
-            message.len()
-        );
-        let (frame_id, index, total) = (word(0), word(4) as usize, word(8) as usize);
-        let chunks = self
-            .partial
-            .entry(frame_id)
-            .or_insert_with(|| vec![None; total]);
-        chunks[index] = Some(message[12..].to_vec());
-        if chunks.iter().any(Option::is_none) {
-            return None;
-        }
-        let payload: Vec<u8> = self
-            .partial
-            .remove(&frame_id)
-            .unwrap()
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect();
-        let json = if payload.starts_with(&[0x1f, 0x8b]) {
-            let mut text = Vec::new();
-            flate2::read::GzDecoder::new(&payload[..])
-                .read_to_end(&mut text)
-                .unwrap();
-            text
-        } else {
-            payload
-        };
-        Some(serde_json::from_slice(&json).expect("result JSON"))
-    }
 }
 
 /// One live session against `worker`: offer, POST, frames, BYE, wait for

@@ -3,3 +3,4 @@ pub mod harness;
 pub mod live;
 pub mod video_track;
 pub mod cameras;
+pub mod results;
