@@ -1,5 +1,6 @@
 // The element messages the plugin posts on the bus.
 
+use crate::protocol::detections::{Detection, FrameDetections, frame_detections};
 use crate::protocol::redact_images;
 use std::time::Duration;
 
@@ -49,17 +50,58 @@ pub fn summary_structure(mut stats: gst::Structure) -> gst::Structure {
 /// when no frame sent matches), `latency` the time from that buffer reaching
 /// the sink to the result's arrival, and `frames-skipped` the frames sent
 /// before it that got no result.
+///
+/// `detections` lists every box of the result's detections outputs
+/// ([`detection_structure`]), `detections-skipped` counts the predictions
+/// that are no usable box.
 pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
     let pts = frame.source_pts_ns().map(gst::ClockTime::from_nseconds);
     let errors = serde_json::to_string(&frame.errors).expect("a list of strings is JSON");
+    let found = frame_detections(&frame.json);
     let mut builder = gst::Structure::builder(INFERENCE_MESSAGE)
         .field("frame-id", frame.frame_id)
         .field("pts", pts)
         .field("json", redact_images(&frame.json).to_string())
-        .field("errors", errors);
+        .field("errors", errors)
+        .field("detections", detections_array(&found))
+        .field("detections-skipped", found.skipped);
     if let Some(live) = &frame.live {
         let latency = live.latency.map(|latency| gst::ClockTime::from_nseconds(latency.as_nanos() as u64));
         builder = builder.field("latency", latency).field("frames-skipped", live.skipped);
+    }
+    builder.build()
+}
+
+/// Name of the structure describing one detected object: an item of the
+/// `detections` field, and the param of its GstVideoRegionOfInterestMeta.
+pub const DETECTION: &str = "detection";
+
+/// The `detections` field: one [`detection_structure`] per box.
+pub fn detections_array(found: &FrameDetections) -> gst::Array {
+    gst::Array::new(found.detections.iter().map(detection_structure))
+}
+
+/// One detected object:
+/// - `output` (the Workflow output), `class`, `confidence` (double),
+///   `class-id` (int), `detection-id` (string) and `tracker-id` (int64),
+///   each of the last three only when the server sent it;
+/// - `x`, `y`, `width`, `height` (double): the box, top-left corner and
+///   size, in pixels of the image the predictions refer to, whose size is
+///   `image-width`, `image-height` (uint) when the result tells it.
+pub fn detection_structure(detection: &Detection) -> gst::Structure {
+    let mut builder = gst::Structure::builder(DETECTION)
+        .field("output", detection.output.as_str())
+        .field("class", detection.class.as_str())
+        .field("confidence", detection.confidence)
+        .field_if_some("class-id", detection.class_id.and_then(|id| i32::try_from(id).ok()))
+        .field_if_some("detection-id", detection.detection_id.as_deref())
+        .field_if_some("tracker-id", detection.tracker_id)
+        .field("x", detection.rect.left)
+        .field("y", detection.rect.top)
+        .field("width", detection.rect.width)
+        .field("height", detection.rect.height);
+    if let Some(image) = detection.image {
+        builder = builder.field("image-width", image.width).field("image-height", image.height);
     }
     builder.build()
 }
@@ -95,6 +137,36 @@ mod tests {
         let errors: Vec<String> =
             serde_json::from_str(structure.get::<&str>("errors").unwrap()).unwrap();
         assert_eq!(errors, ["step x failed", "a, \"b\""]);
+    }
+
+    #[test]
+    fn detections_are_listed_as_structures() {
+        gst::init().unwrap();
+        let event = FrameEvent {
+            json: serde_json::json!({
+                "video_metadata": {"width": 64, "height": 48},
+                "serialized_output_data": {"found": {"image": {"width": 64, "height": 48}, "predictions": [
+                    {"x": 10, "y": 10, "width": 4, "height": 6, "confidence": 0.8, "class": "ball", "class_id": 1, "detection_id": "d"},
+                    {"x": 10, "y": 10, "width": 4, "height": null, "confidence": 0.8, "class": "ball"},
+                ]}},
+            }),
+            ..frame(&[])
+        };
+        let structure = inference_structure(&event);
+        assert_eq!(structure.get::<u32>("detections-skipped").unwrap(), 1);
+        let detections = structure.get::<gst::ArrayRef>("detections").unwrap();
+        let boxes: Vec<gst::Structure> = detections.as_slice().iter().map(|v| v.get().unwrap()).collect();
+        assert_eq!(boxes.len(), 1);
+        assert_eq!(
+            boxes[0].to_string(),
+            "detection, output=(string)found, class=(string)ball, confidence=(double)0.80000000000000004, \
+             class-id=(int)1, detection-id=(string)d, x=(double)8, y=(double)7, width=(double)4, height=(double)6, \
+             image-width=(uint)64, image-height=(uint)48;"
+        );
+        // No detections output: an empty list, nothing skipped.
+        let plain = inference_structure(&frame(&[]));
+        assert!(plain.get::<gst::ArrayRef>("detections").unwrap().as_slice().is_empty());
+        assert_eq!(plain.get::<u32>("detections-skipped").unwrap(), 0);
     }
 
     #[test]

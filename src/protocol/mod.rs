@@ -3,6 +3,7 @@
 //! clocks; callers pass data and the current time in and send what comes out.
 //! See PROTOCOL.md (sections 2-5 and 7) for the wire protocol.
 
+pub mod detections;
 pub mod error_body;
 pub mod frame;
 pub mod initialise;

@@ -55,6 +55,11 @@ pub struct Counters {
     pub frames_paired: AtomicU64,
     pub frames_unpaired: AtomicU64,
     pub max_queue_depth: AtomicU64,
+    /// Boxes attached to frames as GstVideoRegionOfInterestMeta.
+    pub regions_attached: AtomicU64,
+    /// Predictions that are no usable box (bus `detections-skipped`), and
+    /// boxes left with no pixel in the frame they belong to.
+    pub detections_skipped: AtomicU64,
 }
 
 /// A frame's result as it rides on its video: the fields of its
@@ -64,6 +69,7 @@ pub struct Counters {
 pub struct ResultMeta {
     frame_id: u64,
     json: glib::SendValue,
+    detections: glib::SendValue,
     /// Live video: the PTS of the buffer sent, which the returned frame
     /// takes in place of the server's pts.
     pub source_pts: Option<u64>,
@@ -74,6 +80,7 @@ impl ResultMeta {
         Some(ResultMeta {
             frame_id: structure.get("frame-id").ok()?,
             json: structure.value("json").ok()?.clone(),
+            detections: structure.value("detections").ok()?.clone(),
             source_pts: None,
         })
     }
@@ -86,6 +93,7 @@ impl ResultMeta {
         let structure = meta.mut_structure();
         structure.set_value("json", self.json.clone());
         structure.set("frame-id", self.frame_id);
+        structure.set_value("detections", self.detections.clone());
         true
     }
 }
@@ -100,6 +108,9 @@ pub struct Shared {
     pub realtime: Arc<AtomicBool>,
     /// A track decoder runs: downstream QoS does not reach it.
     pub hide_qos: Arc<AtomicBool>,
+    /// Each frame's boxes go on it as GstVideoRegionOfInterestMeta
+    /// (the `attach-roi-meta` property).
+    pub attach_roi: Arc<AtomicBool>,
     /// The attached session, for the counts it keeps (acks, track packets dropped).
     pub session: Arc<Mutex<Option<SessionProbe>>>,
     /// The claim on the session's results, made when the bin went to READY.
@@ -537,6 +548,11 @@ impl FrameSrc {
         let shared = self.shared.lock().unwrap().clone();
         shared.counters.frames_received.fetch_add(1, Ordering::Relaxed);
         let mut structure = crate::bus::inference_structure(frame);
+        let skipped = structure.get::<u32>("detections-skipped").unwrap_or(0);
+        if skipped > 0 {
+            shared.counters.detections_skipped.fetch_add(u64::from(skipped), Ordering::Relaxed);
+            gst::warning!(CAT, imp = self, "frame {}: {skipped} predictions are no usable box (a field missing or not a number, a negative size, outside the image): left out", frame.frame_id);
+        }
         let source_pts = if attached.link.settings.camera.is_some() {
             // The frame's buffer and its message carry the same PTS.
             let pts = self.camera_pts(attached, frame);

@@ -22,11 +22,14 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 
 use super::META_NAME;
+use super::regions;
 use super::framesrc::{self, CAT, DEFAULT_MAX_QUEUED_FRAMES, FrameSrcElement, Params, Shared};
 use crate::config::{self, UploadSettings};
 use crate::session::{self, registry};
 /// Bound of the packet queue in track transport (about 4 s of 720p video).
 const TRACK_QUEUE_BYTES: u32 = 8 << 20;
+
+const DEFAULT_ATTACH_ROI_META: bool = true;
 
 pub struct ResultSrc {
     framesrc: FrameSrcElement,
@@ -64,12 +67,14 @@ impl ObjectSubclass for ResultSrc {
             .expect("the identity element (coreelements) is available");
         let template = klass.pad_template("src").expect("src template");
         let ghost = gst::GhostPad::builder_from_template(&template).name("src").build();
+        let shared = Shared::default();
+        shared.attach_roi.store(DEFAULT_ATTACH_ROI_META, Ordering::Relaxed);
         Self {
             framesrc,
             queue,
             tail,
             ghost,
-            shared: Shared::default(),
+            shared,
             params: Mutex::new(Params::default()),
             settings: Mutex::new(config::camera_settings()),
             explicit: Mutex::new(BTreeSet::new()),
@@ -109,9 +114,15 @@ impl ObjectImpl for ResultSrc {
                     .default_value(framesrc::DEFAULT_LATENCY_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("attach-roi-meta")
+                    .nick("Attach ROI meta")
+                    .blurb("Attach each detected box of a frame's result to the frame as a GstVideoRegionOfInterestMeta (pixels of the frame; roi_type the class; a 'detection' param with output, class, confidence, class-id, detection-id, tracker-id)")
+                    .default_value(DEFAULT_ATTACH_ROI_META)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops, results missed (processed by the server before the results channel opened)")
+                    .blurb("Frames received, pushed, paired and unpaired, acks sent, largest queue depth, drops, results missed (processed by the server before the results channel opened), regions attached (ROI metas) and detections skipped (predictions that are no usable box)")
                     .read_only()
                     .build(),
             ]);
@@ -143,6 +154,7 @@ impl ObjectImpl for ResultSrc {
                 self.queue.set_property("max-size-buffers", params.max_queued_frames);
             }
             "latency" => params.latency = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into()),
+            "attach-roi-meta" => self.shared.attach_roi.store(value.get().expect("type checked upstream"), Ordering::Relaxed),
             name => unreachable!("unknown property {name}"),
         }
     }
@@ -166,6 +178,7 @@ impl ObjectImpl for ResultSrc {
                 .to_value(),
             "max-queued-frames" => params.max_queued_frames.to_value(),
             "latency" => (params.latency.as_millis() as u32).to_value(),
+            "attach-roi-meta" => self.shared.attach_roi.load(Ordering::Relaxed).to_value(),
             name => unreachable!("unknown property {name}"),
         }
     }
@@ -303,6 +316,8 @@ impl ResultSrc {
             &counters.frames_paired,
             &counters.frames_unpaired,
             &counters.max_queue_depth,
+            &counters.regions_attached,
+            &counters.detections_skipped,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -328,6 +343,8 @@ impl ResultSrc {
             .field("frames-dropped", dropped)
             .field("track-packets-dropped", packets_dropped)
             .field("results-missed", framesrc::results_missed(&self.shared))
+            .field("regions-attached", counters.regions_attached.load(Ordering::Relaxed))
+            .field("detections-skipped", counters.detections_skipped.load(Ordering::Relaxed))
             .build()
     }
 
@@ -372,9 +389,10 @@ impl ResultSrc {
         // Every frame leaves the bin with its result as a meta: a JPEG frame
         // brought it along; a track frame's is looked up by its pts, never
         // waited for (the frame source held the frame until it was there).
+        // Then its boxes go on it as region-of-interest metas.
         let shared = self.shared.clone();
         let weak = self.obj().downgrade();
-        self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        self.tail.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
             if let Some(buffer) = info.buffer_mut() {
                 shared.counters.frames_pushed.fetch_add(1, Ordering::Relaxed);
                 let paired = gst::meta::CustomMeta::from_buffer(buffer, META_NAME).is_ok()
@@ -391,6 +409,12 @@ impl ResultSrc {
                         });
                 if paired {
                     shared.counters.frames_paired.fetch_add(1, Ordering::Relaxed);
+                    let frame = pad.current_caps().as_deref().and_then(regions::frame_size);
+                    if let Some(frame) = frame.filter(|_| shared.attach_roi.load(Ordering::Relaxed)) {
+                        let attached = regions::attach(buffer.make_mut(), frame);
+                        shared.counters.regions_attached.fetch_add(attached.regions, Ordering::Relaxed);
+                        shared.counters.detections_skipped.fetch_add(attached.skipped, Ordering::Relaxed);
+                    }
                 } else {
                     shared.counters.frames_unpaired.fetch_add(1, Ordering::Relaxed);
                     if let Some(obj) = weak.upgrade() {

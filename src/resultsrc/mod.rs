@@ -3,9 +3,11 @@ use gst::prelude::*;
 
 mod framesrc;
 mod imp;
+mod regions;
 
 /// Registered name of the custom meta carrying a frame's result: a
-/// structure with `json` (string) and `frame-id` (guint64) fields.
+/// structure with `json` (string), `frame-id` (guint64) and `detections`
+/// (an array of `detection` structures, as in the bus message) fields.
 pub const META_NAME: &str = "RoboflowInferenceMeta";
 
 glib::wrapper! {
