@@ -90,5 +90,5 @@ if [ -n "$servers_started" ]; then
     fi
 fi
 # One job at a time: the server runs a worker process per session.
-cargo test --locked --test real_server --test real_cameras --no-fail-fast -- --ignored --test-threads=1 || status=$?
+cargo test --locked --test real_server --test real_cameras --test real_detections --no-fail-fast -- --ignored --test-threads=1 || status=$?
 exit "$status"

@@ -4,3 +4,4 @@ pub mod live;
 pub mod video_track;
 pub mod cameras;
 pub mod results;
+pub mod regions;
