@@ -195,6 +195,11 @@ pub struct WorkerConfig {
     /// queue. Without realtime processing the reader fails only then, so
     /// the client's `inference` channel is normally open by that time.
     pub rtsp_open_time: Duration,
+    /// Detections outputs (PROTOCOL.md §12): a requested data output for
+    /// which this gives a value (by output name and frame id) carries that
+    /// value, e.g. `{"image": {...}, "predictions": [...]}`, in place of
+    /// the dominant colour.
+    pub detections: Option<fn(&str, u32) -> Option<Value>>,
 }
 
 impl Default for WorkerConfig {
@@ -219,6 +224,7 @@ impl Default for WorkerConfig {
             live_lose_first_frame: false,
             mjpeg_allow_non_global_addresses: false,
             rtsp_open_time: DEFAULT_RTSP_OPEN_TIME,
+            detections: None,
         }
     }
 }
@@ -1879,6 +1885,13 @@ fn frame_messages(
         _ => Vec::new(),
     };
     let mut data = serialized_output_data(outputs, frame, &metadata);
+    if let (Some(detections), Some(data)) = (config.detections, data.as_object_mut()) {
+        for (name, value) in data.iter_mut() {
+            if let Some(boxes) = detections(name, frame_id) {
+                *value = boxes;
+            }
+        }
+    }
     if config.result_padding > 0 {
         if !data.is_object() {
             data = json!({});
