@@ -1,5 +1,10 @@
 //! Runs a video file through a Roboflow Workflow and writes the returned
-//! video to an MP4 and every frame's result to a JSON-lines file.
+//! video to an MP4 and every frame's result to a JSON-lines file, with
+//! progress: a spinner while the server's worker starts, the upload (rate
+//! from its first chunk), then the results (a bar with total and ETA when
+//! the total is known: from the server's `total_frames`, else the file's
+//! header). At the end it prints how many frames had a detection. Its
+//! Python twin is examples/python/annotate.py (same command line).
 //!
 //! ```sh
 //! cargo run --release --example annotate_file -- clip.mp4 \
@@ -8,11 +13,12 @@
 //!     --output annotated.mp4 --results results.jsonl
 //! ```
 //!
-//! Options: --api-url URL (default http://127.0.0.1:9001), --api-key KEY
-//! (default $ROBOFLOW_API_KEY), --workflow-spec-file FILE | --workspace W
-//! --workflow-id ID | --model-id ID, --stream-output NAME (the image output
-//! to return as video; none: results only), --data-output LIST,
-//! --video-transport datachannel|track, --output FILE, --results FILE.
+//! Options: --output FILE (annotated.mp4), --results FILE (results.jsonl),
+//! and any roboflowuploadsink property as --name value, e.g. --api-url URL
+//! (default http://127.0.0.1:9001), --api-key KEY, --workflow-spec-file
+//! FILE, --workflow-parameters JSON, --stream-output NAME (the image output
+//! to return as video; without it: results only), --data-output LIST,
+//! --video-transport datachannel|track.
 
 use std::io::Write;
 use std::time::Instant;
@@ -30,10 +36,10 @@ struct Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: annotate_file INPUT [--api-url URL] [--api-key KEY] \
-         (--workflow-spec-file FILE | --workspace W --workflow-id ID | --model-id ID) \
-         [--stream-output NAME] [--data-output LIST] [--video-transport datachannel|track] \
-         [--output annotated.mp4] [--results results.jsonl]"
+        "usage: annotate_file INPUT (--workflow-spec-file FILE | --workspace W --workflow-id ID) \
+         [--workflow-parameters JSON] [--stream-output NAME] [--data-output LIST] \
+         [--output annotated.mp4] [--results results.jsonl] [--PROPERTY VALUE ...] \
+         (PROPERTY: any roboflowuploadsink property, e.g. --api-url URL --api-key KEY --video-transport track)"
     );
     std::process::exit(2);
 }
@@ -112,59 +118,45 @@ fn run(options: &Options) -> Result<(), String> {
     let mut jsonl = std::io::BufWriter::new(
         std::fs::File::create(&options.results).map_err(|e| format!("cannot create {}: {e}", options.results))?,
     );
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    bar.set_message("upload");
+    let mut progress = Progress::new(frames_in(&options.input));
 
     let started = Instant::now();
     // The upload is over for the server when its first result arrives: the
     // honest upload time runs from the first chunk sent to that result.
-    let mut first_chunk: Option<Instant> = None;
     let mut upload_done: Option<(u64, f64)> = None;
-    let mut total_bytes = 0u64;
     let mut frames = 0u64;
+    let mut frames_with_boxes = 0u64;
+    let mut boxes = 0u64;
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).map_err(|_| "the pipeline does not start".to_owned())?;
     let outcome = loop {
-        let Some(message) = bus.timed_pop(gst::ClockTime::from_seconds(1)) else { continue };
+        let Some(message) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            progress.tick();
+            continue;
+        };
         match message.view() {
             gst::MessageView::Eos(_) => break Ok(()),
             gst::MessageView::Error(err) => break Err(format!("{}", err.error())),
             gst::MessageView::Element(element) => {
                 let Some(structure) = element.structure() else { continue };
                 match structure.name().as_str() {
-                    "roboflow-upload-progress" => {
-                        let total = structure.get::<u64>("total-bytes").unwrap_or(0);
-                        let done = structure.get::<u64>("uploaded-bytes").unwrap_or(0);
-                        total_bytes = total;
-                        if first_chunk.is_none() {
-                            let elapsed = structure.get::<gst::ClockTime>("elapsed").map(|t| t.seconds_f64()).unwrap_or(0.0);
-                            first_chunk = Instant::now().checked_sub(std::time::Duration::from_secs_f64(elapsed));
-                        }
-                        bar.set_length(total);
-                        bar.set_position(done);
-                        if structure.get::<bool>("final").unwrap_or(false) {
-                            bar.finish_and_clear();
-                            bar.reset();
-                            bar.set_style(ProgressStyle::with_template("{msg:10} {pos} frames {per_sec}").unwrap());
-                            bar.set_message("results");
-                        }
-                    }
+                    "roboflow-upload-progress" => progress.on_upload(
+                        structure.get::<u64>("uploaded-bytes").unwrap_or(0),
+                        structure.get::<u64>("total-bytes").unwrap_or(0),
+                    ),
                     "roboflow-inference" => {
                         if upload_done.is_none()
-                            && let Some(first) = first_chunk
+                            && let Some((first, bytes)) = progress.upload_started()
                         {
-                            upload_done = Some((total_bytes, first.elapsed().as_secs_f64()));
+                            upload_done = Some((bytes, first.elapsed().as_secs_f64()));
                         }
                         frames += 1;
-                        bar.set_position(frames);
-                        if let Ok(json) = structure.get::<&str>("json") {
-                            writeln!(jsonl, "{json}").map_err(|e| format!("writing {}: {e}", options.results))?;
-                        }
+                        let found = structure.get::<gst::ArrayRef>("detections").map(|list| list.as_slice().len()).unwrap_or(0);
+                        boxes += found as u64;
+                        frames_with_boxes += u64::from(found > 0);
+                        let json = structure.get::<&str>("json").unwrap_or("{}");
+                        progress.on_result(frames, total_frames(json));
+                        writeln!(jsonl, "{json}").map_err(|e| format!("writing {}: {e}", options.results))?;
                     }
                     _ => {}
                 }
@@ -172,13 +164,14 @@ fn run(options: &Options) -> Result<(), String> {
             _ => {}
         }
     };
-    bar.finish_and_clear();
+    progress.finish();
     let _ = pipeline.set_state(gst::State::Null);
     jsonl.flush().map_err(|e| e.to_string())?;
     outcome?;
 
     let elapsed = started.elapsed();
     println!("frames:      {frames}");
+    println!("detections:  {boxes} boxes in {frames_with_boxes} of {frames} frames");
     println!("time:        {:.1} s", elapsed.as_secs_f64());
     match upload_done {
         Some((bytes, seconds)) if seconds > 0.0 => println!(
@@ -193,6 +186,120 @@ fn run(options: &Options) -> Result<(), String> {
     }
     println!("results:     {}", options.results);
     Ok(())
+}
+
+/// What the person watching sees, in three steps: a spinner while the
+/// server's worker starts (nothing is uploaded yet), the upload with its
+/// rate counted from its first chunk, then the results, with a total and an
+/// ETA once the total is known.
+struct Progress {
+    bar: ProgressBar,
+    phase: Phase,
+    /// Frames in the input, from its header (GstDiscoverer).
+    file_frames: Option<u64>,
+    first_chunk: Option<Instant>,
+    uploaded: u64,
+}
+
+#[derive(PartialEq)]
+enum Phase {
+    Connecting,
+    Uploading,
+    Results { total: Option<u64> },
+}
+
+impl Progress {
+    fn new(file_frames: Option<u64>) -> Progress {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} connecting (the server's worker starts) {elapsed}").unwrap());
+        Progress { bar, phase: Phase::Connecting, file_frames, first_chunk: None, uploaded: 0 }
+    }
+
+    fn tick(&self) {
+        self.bar.tick();
+    }
+
+    fn on_upload(&mut self, uploaded: u64, total: u64) {
+        if uploaded == 0 || matches!(self.phase, Phase::Results { .. }) {
+            return;
+        }
+        if self.phase == Phase::Connecting {
+            // A new bar: its rate and ETA count from the first chunk.
+            self.bar.finish_and_clear();
+            self.bar = ProgressBar::new(total);
+            self.bar.set_style(
+                ProgressStyle::with_template("upload     [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                    .unwrap()
+                    .progress_chars("=> "),
+            );
+            self.phase = Phase::Uploading;
+            self.first_chunk = Some(Instant::now());
+        }
+        self.uploaded = uploaded;
+        self.bar.set_length(total);
+        self.bar.set_position(uploaded);
+    }
+
+    /// The first chunk's time and the bytes uploaded, once the upload began.
+    fn upload_started(&self) -> Option<(Instant, u64)> {
+        self.first_chunk.map(|first| (first, self.uploaded))
+    }
+
+    fn on_result(&mut self, frames: u64, total_in_result: Option<u64>) {
+        let total = total_in_result.or(self.file_frames);
+        let phase = Phase::Results { total };
+        if self.phase != phase {
+            self.bar.finish_and_clear();
+            self.bar = match total {
+                Some(total) => {
+                    let bar = ProgressBar::new(total);
+                    bar.set_style(
+                        ProgressStyle::with_template("results    [{bar:40}] {pos}/{len} frames {per_sec} ETA {eta}")
+                            .unwrap()
+                            .progress_chars("=> "),
+                    );
+                    bar
+                }
+                None => {
+                    let bar = ProgressBar::new_spinner();
+                    bar.set_style(ProgressStyle::with_template("{spinner} results    {pos} frames {per_sec} {elapsed}").unwrap());
+                    bar
+                }
+            };
+            self.phase = phase;
+        }
+        self.bar.set_position(frames);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `total_frames` as the server puts it in an image output's metadata.
+fn total_frames(json: &str) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    value["serialized_output_data"]
+        .as_object()?
+        .values()
+        .find_map(|output| output["video_metadata"]["total_frames"].as_u64())
+        .filter(|total| *total > 0)
+}
+
+/// The frames in a video file: its duration times its frame rate, as the
+/// file's header says; None when it does not tell.
+fn frames_in(path: &str) -> Option<u64> {
+    let uri = gst::glib::filename_to_uri(std::fs::canonicalize(path).ok()?, None).ok()?;
+    let discoverer = gst_pbutils::Discoverer::new(gst::ClockTime::from_seconds(5)).ok()?;
+    let info = discoverer.discover_uri(&uri).ok()?;
+    let duration = info.duration()?;
+    let video = info.video_streams().into_iter().next()?;
+    let rate = video.framerate();
+    if rate.numer() <= 0 || rate.denom() <= 0 {
+        return None;
+    }
+    let frames = duration.nseconds() as f64 * f64::from(rate.numer()) / f64::from(rate.denom()) / 1e9;
+    Some(frames.round() as u64).filter(|frames| *frames > 0)
 }
 
 fn make(factory: &str, properties: &[(&str, &str)]) -> Result<gst::Element, String> {
