@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The main job, from a fresh Debian 12 machine: installs what is missing
 # (Debian packages, Rust, the local Roboflow Inference Server), builds the
-# plugin, starts the server on 127.0.0.1:9001, uploads a clip and writes
-# annotated.mp4 (the blurred video the Workflow returns) and results.jsonl
-# (one JSON result per frame), then prints a summary.
-#   scripts/demo.sh [CLIP]      (default: a 10 s 720p clip made with GStreamer)
+# plugin, starts the server on 127.0.0.1:9001 and runs a clip through a
+# Workflow, leaving annotated.mp4 (the video the Workflow returns) and
+# results.jsonl (one JSON result per frame), then prints a summary.
+#   scripts/demo.sh              detection: a model-free template-matching
+#                                Workflow finds a moving ball in a generated
+#                                10 s 720p clip; annotated.mp4 shows the
+#                                boxes the server drew; prints how many
+#                                frames had a detection
+#   scripts/demo.sh blur [CLIP]  the blur Workflow (the blurred video and
+#                                each frame's dominant colour) on CLIP, by
+#                                default the same generated clip
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,25 +48,51 @@ cargo build --release --locked --lib --example annotate_file
 echo "== starting the local Roboflow Inference Server (first time: installs it, several GB)"
 scripts/roboflow-server.sh start
 
-clip="${1:-}"
-if [ -z "$clip" ]; then
-    clip=target/demo/clip.mp4
-    if [ ! -s "$clip" ]; then
-        mkdir -p target/demo
-        echo "== making a 10 s 720p clip with GStreamer"
-        gst-launch-1.0 -q videotestsrc num-buffers=300 pattern=ball \
-            ! video/x-raw,width=1280,height=720,framerate=30/1 \
-            ! x264enc speed-preset=veryfast bitrate=4000 key-int-max=60 ! mp4mux \
-            ! filesink location="$clip"
-    fi
+mode="${1:-detect}"
+case "$mode" in
+    detect) [ "$#" -le 1 ] || { echo "usage: scripts/demo.sh [detect | blur [CLIP]]" >&2; exit 2; } ;;
+    blur) ;;
+    *) echo "usage: scripts/demo.sh [detect | blur [CLIP]]" >&2; exit 2 ;;
+esac
+
+# The generated clip: videotestsrc's ball, 39 px across, moving over black.
+mkdir -p target/demo
+generated=target/demo/clip.mp4
+if [ ! -s "$generated" ]; then
+    echo "== making a 10 s 720p clip with a moving ball (GStreamer)"
+    gst-launch-1.0 -q videotestsrc num-buffers=300 pattern=ball \
+        ! video/x-raw,width=1280,height=720,framerate=30/1 \
+        ! x264enc speed-preset=veryfast bitrate=4000 key-int-max=60 ! mp4mux \
+        ! filesink location="$generated"
 fi
 
-echo "== annotating $clip"
-GST_PLUGIN_PATH="$PWD/target/release${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}" \
-target/release/examples/annotate_file "$clip" \
-    --workflow-spec-file examples/workflows/blur-dominant-color.json \
-    --stream-output blurred --data-output rgb_color \
-    --output annotated.mp4 --results results.jsonl
+run_example() {
+    GST_PLUGIN_PATH="$PWD/target/release${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}" \
+        target/release/examples/annotate_file "$@" --output annotated.mp4 --results results.jsonl
+}
 
-echo "== done: annotated.mp4 and results.jsonl are in $PWD"
+if [ "$mode" = detect ]; then
+    # The template: the ball where videotestsrc draws it first, the centre
+    # of the frame, a 44x44 PNG passed as a Workflow parameter.
+    template=target/demo/ball-template.png
+    gst-launch-1.0 -q videotestsrc num-buffers=1 pattern=ball ! video/x-raw,width=1280,height=720 \
+        ! videocrop left=618 right=618 top=338 bottom=338 ! videoconvert ! pngenc \
+        ! filesink location="$template"
+    parameters="{\"template\": {\"type\": \"base64\", \"value\": \"$(base64 -w0 "$template")\"}}"
+    echo "== detecting the ball in $generated (template matching, no model weights)"
+    run_example "$generated" \
+        --workflow-spec-file examples/workflows/template-match.json \
+        --workflow-parameters "$parameters" \
+        --stream-output annotated --data-output predictions | tee target/demo/summary.txt
+    detected="$(grep -o '[0-9]* of [0-9]* frames' target/demo/summary.txt | head -1)"
+    echo "== done: the ball was detected in $detected"
+    echo "   annotated.mp4 (the boxes the server drew) and results.jsonl are in $PWD"
+else
+    clip="${2:-$generated}"
+    echo "== blurring $clip"
+    run_example "$clip" \
+        --workflow-spec-file examples/workflows/blur-dominant-color.json \
+        --stream-output blurred --data-output rgb_color
+    echo "== done: annotated.mp4 and results.jsonl are in $PWD"
+fi
 echo "   (the server keeps running; stop it with scripts/roboflow-server.sh stop)"
