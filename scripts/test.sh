@@ -80,6 +80,10 @@ echo "== cargo test"
 status=0
 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2 || status=$?
 
+echo "== the analytics feature (GStreamer 1.24+) type-checks (not linked: Debian 12 has 1.22)"
+SYSTEM_DEPS_GSTREAMER_ANALYTICS_1_0_NO_PKG_CONFIG=1 SYSTEM_DEPS_GSTREAMER_ANALYTICS_1_0_LIB=gstanalytics-1.0 \
+    cargo check --locked --lib --features analytics || status=$?
+
 echo "== end-to-end against the real server ($ROBOFLOW_TEST_SERVER; MJPEG cameras: ${ROBOFLOW_TEST_SERVER_MJPEG:-not set})"
 if [ -n "$servers_started" ]; then
     wait "$server_start_pid" || true

@@ -6,6 +6,8 @@ use gst_video::VideoRegionOfInterestMeta;
 
 use super::META_NAME;
 use crate::bus::DETECTION;
+#[cfg(feature = "analytics")]
+use crate::protocol::detections::PixelRect;
 use crate::protocol::detections::{Rect, Size, scale_to_frame};
 
 /// What attaching did to one frame.
@@ -29,8 +31,14 @@ pub fn frame_size(caps: &gst::CapsRef) -> Option<Size> {
 /// order, and a `detection` param: the box's structure from the result plus
 /// `x_min`, `y_min`, `x_max`, `y_max`, the box relative to the frame (0..1,
 /// as Intel's DL Streamer writes them).
+///
+/// With the `analytics` feature (GStreamer 1.24+), each box is also an
+/// object-detection entry of one GstAnalyticsRelationMeta: type the class,
+/// the same rectangle, location confidence the box's confidence.
 pub fn attach(buffer: &mut gst::BufferRef, frame: Size) -> Attached {
     let mut attached = Attached::default();
+    #[cfg(feature = "analytics")]
+    let mut analytics: Vec<(String, PixelRect, f64)> = Vec::new();
     let detections: Vec<gst::Structure> = match gst::meta::CustomMeta::from_buffer(buffer, META_NAME) {
         Ok(meta) => match meta.structure().get::<gst::ArrayRef>("detections") {
             Ok(array) => array.as_slice().iter().filter_map(|value| value.get::<gst::Structure>().ok()).collect(),
@@ -54,11 +62,34 @@ pub fn attach(buffer: &mut gst::BufferRef, frame: Size) -> Attached {
         detection.set("x_max", f64::from(x + width) / frame_width);
         detection.set("y_max", f64::from(y + height) / frame_height);
         attached.regions += 1;
+        #[cfg(feature = "analytics")]
+        analytics.push((class.clone(), pixels, detection.get::<f64>("confidence").unwrap_or(0.0)));
         let mut meta = VideoRegionOfInterestMeta::add(buffer, &class, pixels);
         meta.set_id(i32::try_from(attached.regions).unwrap_or(i32::MAX));
         meta.add_param(detection);
     }
+    #[cfg(feature = "analytics")]
+    if !analytics.is_empty() {
+        attach_analytics(buffer, &analytics);
+    }
     attached
+}
+
+#[cfg(feature = "analytics")]
+fn attach_analytics(buffer: &mut gst::BufferRef, boxes: &[(String, PixelRect, f64)]) {
+    use gst_analytics::AnalyticsRelationMetaODExt as _;
+    let mut meta = gst_analytics::AnalyticsRelationMeta::add(buffer);
+    for (class, (x, y, width, height), confidence) in boxes {
+        let clamp = |value: u32| i32::try_from(value).unwrap_or(i32::MAX);
+        let _ = meta.add_od_mtd(
+            glib::Quark::from_str(class),
+            clamp(*x),
+            clamp(*y),
+            clamp(*width),
+            clamp(*height),
+            *confidence as f32,
+        );
+    }
 }
 
 /// The class, box and image size of a `detection` structure.
