@@ -100,7 +100,7 @@ fn detection(output: &str, prediction: &Value, image: Option<Size>) -> Option<De
         right = right.min(f64::from(image.width));
         bottom = bottom.min(f64::from(image.height));
     }
-    if right <= left || bottom <= top {
+    if right <= left || bottom <= top || !right.is_finite() || !bottom.is_finite() {
         return None;
     }
     Some(Detection {
@@ -143,6 +143,7 @@ pub fn scale_to_frame(rect: Rect, image: Option<Size>, frame: Size) -> Option<Pi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn result(outputs: Value) -> Value {
@@ -278,6 +279,59 @@ mod tests {
         assert_eq!(scale_to_frame(across, None, Size { width: 64, height: 64 }), Some((60, 60, 4, 4)));
         let outside = Rect { left: 70.0, top: 10.0, width: 10.0, height: 10.0 };
         assert_eq!(scale_to_frame(outside, None, Size { width: 64, height: 64 }), None);
+    }
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<f64>().prop_map(|n| serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)),
+            (-2000i64..4000).prop_map(Value::from),
+            Just(Value::Null),
+            Just(json!("NaN")),
+            Just(json!([1])),
+        ]
+    }
+
+    fn prediction_strategy() -> impl Strategy<Value = Value> {
+        (number(), number(), number(), number(), number(), prop::option::of("[a-z]{0,4}"), number(), number()).prop_map(
+            |(x, y, width, height, confidence, class, class_id, tracker_id)| {
+                let mut p = json!({"x": x, "y": y, "width": width, "height": height, "confidence": confidence,
+                                   "class_id": class_id, "tracker_id": tracker_id});
+                if let Some(class) = class {
+                    p["class"] = json!(class);
+                }
+                p
+            },
+        )
+    }
+
+    proptest! {
+        /// Whatever the server sends, every prediction is a box or counted
+        /// as skipped, every box is inside its image with a positive size,
+        /// and scaling it never panics and stays in the frame.
+        #[test]
+        fn every_prediction_is_a_box_or_skipped(
+            predictions in prop::collection::vec(prediction_strategy(), 0..8),
+            image in (number(), number()),
+            frame in (1u32..5000, 1u32..5000),
+        ) {
+            let count = predictions.len() as u32;
+            let result = json!({"serialized_output_data": {"p": {"image": {"width": image.0, "height": image.1}, "predictions": predictions}}});
+            let found = frame_detections(&result);
+            prop_assert_eq!(found.detections.len() as u32 + found.skipped, count);
+            for detection in &found.detections {
+                let rect = detection.rect;
+                prop_assert!(rect.left >= 0.0 && rect.top >= 0.0 && rect.width > 0.0 && rect.height > 0.0, "{:?}", rect);
+                prop_assert!(rect.width.is_finite() && rect.height.is_finite(), "{:?}", rect);
+                if let Some(image) = detection.image {
+                    prop_assert!(rect.left + rect.width <= f64::from(image.width) + 1e-6, "{:?} in {:?}", rect, image);
+                    prop_assert!(rect.top + rect.height <= f64::from(image.height) + 1e-6, "{:?} in {:?}", rect, image);
+                }
+                let frame = Size { width: frame.0, height: frame.1 };
+                if let Some((x, y, w, h)) = scale_to_frame(rect, detection.image, frame) {
+                    prop_assert!(w > 0 && h > 0 && x + w <= frame.width && y + h <= frame.height);
+                }
+            }
+        }
     }
 
     #[test]
