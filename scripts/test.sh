@@ -58,6 +58,9 @@ trap cleanup EXIT
 
 echo "== build"
 cargo build --lib --locked
+# The examples as binaries: tests/examples.rs runs them as a user does
+# (cargo test builds examples only as test harnesses).
+cargo build --examples --locked
 
 echo "== smoke: gst-inspect-1.0 roboflowuploadsink roboflowresultsrc"
 export GST_PLUGIN_PATH="$PWD/target/debug${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"

@@ -1,8 +1,9 @@
 // The embedding examples, run as a user runs them, against the test worker
 // with detections: examples/python/annotate.py (system python3 with
 // PyGObject, the plugin found through GST_PLUGIN_PATH) and the Rust
-// examples read_detections and annotate_file (built by `cargo test`, which
-// builds the examples before running any test).
+// examples read_detections and annotate_file (binaries built by
+// `cargo build --examples`, as scripts/test.sh does first: `cargo test`
+// builds examples only as test harnesses).
 
 mod common;
 
@@ -163,7 +164,7 @@ fn python_annotate_names_a_missing_plugin() {
 fn rust_read_detections_prints_every_frame_with_its_regions() {
     let setup = setup();
     let example = target_dir().join("examples/read_detections");
-    assert!(example.exists(), "{} is built by cargo test (cargo build --examples)", example.display());
+    assert!(example.exists(), "{} is missing: run cargo build --examples first (scripts/test.sh does)", example.display());
     let mut command = Command::new(example);
     command.args(common_args(&setup));
     let output = run_bounded(command, Duration::from_secs(120));
@@ -178,7 +179,7 @@ fn rust_read_detections_prints_every_frame_with_its_regions() {
 fn rust_annotate_file_counts_the_frames_with_detections() {
     let setup = setup();
     let example = target_dir().join("examples/annotate_file");
-    assert!(example.exists(), "{} is built by cargo test (cargo build --examples)", example.display());
+    assert!(example.exists(), "{} is missing: run cargo build --examples first (scripts/test.sh does)", example.display());
     let (video, results) = (setup.dir.join("annotated.mp4"), setup.dir.join("results.jsonl"));
     let mut command = Command::new(example);
     command.args(common_args(&setup)).args(["--output".as_ref(), video.as_os_str(), "--results".as_ref(), results.as_os_str()]);
