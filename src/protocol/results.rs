@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::io::Read;
+use std::io::{Cursor, Read};
 
 /// Length of the result header: `[frame_id][chunk_index][total_chunks]`, u32 LE each.
 pub const RESULT_HEADER_LEN: usize = 12;
@@ -277,6 +277,7 @@ pub struct ResultReassembler {
     finished: HashSet<u32>,
     finished_order: VecDeque<u32>,
     duplicates_ignored: u64,
+    gunzip: Gunzip,
 }
 
 impl Default for ResultReassembler {
@@ -293,6 +294,7 @@ impl ResultReassembler {
             finished: HashSet::new(),
             finished_order: VecDeque::new(),
             duplicates_ignored: 0,
+            gunzip: Gunzip::default(),
         }
     }
 
@@ -352,7 +354,7 @@ impl ResultReassembler {
                 // The common case: a whole frame in one message, no copy to hold.
                 self.check_frame_bytes(frame_id, chunk_index, payload.len())?;
                 self.mark_finished(frame_id);
-                return self.complete(frame_id, payload).map(Some);
+                return self.complete(frame_id, payload.to_vec()).map(Some);
             }
             if self.partial.len() >= self.limits.max_frames_in_flight {
                 return Err(ResultError::TooManyFramesInFlight {
@@ -408,7 +410,7 @@ impl ResultReassembler {
         for chunk in frame.chunks.into_values() {
             joined.extend_from_slice(&chunk);
         }
-        self.complete(frame_id, &joined).map(Some)
+        self.complete(frame_id, joined).map(Some)
     }
 
     fn check_header(
@@ -468,29 +470,30 @@ impl ResultReassembler {
         }
     }
 
-    fn complete(&self, frame_id: u32, payload: &[u8]) -> Result<CompletedResult, ResultError> {
-        let compressed = is_gzip(payload);
+    fn complete(&mut self, frame_id: u32, payload: Vec<u8>) -> Result<CompletedResult, ResultError> {
+        let compressed = is_gzip(&payload);
+        let wire_bytes = payload.len();
         let json = if compressed {
-            gunzip_bounded(payload, self.limits.max_decompressed_bytes).map_err(|e| match e {
+            self.gunzip.inflate(payload, self.limits.max_decompressed_bytes).map_err(|e| match e {
                 GunzipError::TooLarge => ResultError::DecompressedTooLarge {
                     frame_id,
-                    compressed_bytes: payload.len(),
+                    compressed_bytes: wire_bytes,
                     max: self.limits.max_decompressed_bytes,
                 },
                 GunzipError::Invalid(reason) => ResultError::Decompress {
                     frame_id,
-                    compressed_bytes: payload.len(),
+                    compressed_bytes: wire_bytes,
                     reason,
                 },
             })?
         } else {
-            payload.to_vec()
+            payload
         };
         Ok(CompletedResult {
             frame_id,
             json,
             compressed,
-            wire_bytes: payload.len(),
+            wire_bytes,
         })
     }
 }
@@ -500,35 +503,63 @@ enum GunzipError {
     Invalid(String),
 }
 
-/// Inflates `data` into a buffer that never grows past `max` bytes, so a
-/// gzip bomb costs at most `max` bytes of memory before it is refused.
-///
-/// Not `take(max + 1).read_to_end(..)`: that refuses the same inputs, but
-/// its Vec grows by doubling, so at the default 64 MiB limit both a result
-/// of exactly 64 MiB and a bomb held 128 MiB (measured with std of rustc
-/// 1.95); the unit test below pins the bound.
-fn gunzip_bounded(data: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
-    // Start from a modest guess instead of reserving `max` up front.
-    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(max).min(1 << 20));
-    // Several members are legal gzip; the server writes one, but accept more.
-    let mut decoder = flate2::read::MultiGzDecoder::new(data);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match decoder.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(GunzipError::Invalid(e.to_string())),
-        };
-        if n > max - out.len() {
-            return Err(GunzipError::TooLarge);
+/// The session's gzip inflater: one decoder and one scratch buffer for every
+/// result. A decoder made per result allocated its inflate state (about
+/// 45 KiB) and the scratch 64 KiB each time, and glibc returned those pages
+/// to the kernel and faulted them in again on every frame.
+#[derive(Debug, Default)]
+struct Gunzip {
+    decoder: Option<flate2::bufread::GzDecoder<Cursor<Vec<u8>>>>,
+    scratch: Vec<u8>,
+}
+
+impl Gunzip {
+    /// Inflates `data` into a buffer that never grows past `max` bytes, so
+    /// a gzip bomb costs at most `max` bytes of memory before it is refused.
+    ///
+    /// Not `take(max + 1).read_to_end(..)`: that refuses the same inputs,
+    /// but its Vec grows by doubling, so at the default 64 MiB limit both a
+    /// result of exactly 64 MiB and a bomb held 128 MiB (measured with std
+    /// of rustc 1.95); the unit test below pins the bound.
+    fn inflate(&mut self, data: Vec<u8>, max: usize) -> Result<Vec<u8>, GunzipError> {
+        // Start from a modest guess instead of reserving `max` up front.
+        let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(max).min(1 << 20));
+        if self.scratch.is_empty() {
+            self.scratch = vec![0u8; 64 * 1024];
         }
-        if out.capacity() - out.len() < n {
-            // Double, as Vec would, but never past `max`.
-            let grow = out.capacity().max(n).min(max - out.len());
-            out.reserve_exact(grow);
+        let mut input = Cursor::new(data);
+        // Several members are legal gzip; the server writes one, but accept
+        // more: each member starts where the previous one's trailer ended.
+        loop {
+            let decoder = match &mut self.decoder {
+                Some(decoder) => {
+                    decoder.reset(input);
+                    decoder
+                }
+                None => self.decoder.insert(flate2::bufread::GzDecoder::new(input)),
+            };
+            loop {
+                let n = match decoder.read(&mut self.scratch) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(GunzipError::Invalid(e.to_string())),
+                };
+                if n > max - out.len() {
+                    return Err(GunzipError::TooLarge);
+                }
+                if out.capacity() - out.len() < n {
+                    // Double, as Vec would, but never past `max`.
+                    let grow = out.capacity().max(n).min(max - out.len());
+                    out.reserve_exact(grow);
+                }
+                out.extend_from_slice(&self.scratch[..n]);
+            }
+            input = decoder.reset(Cursor::new(Vec::new()));
+            if input.position() >= input.get_ref().len() as u64 {
+                return Ok(out);
+            }
         }
-        out.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -827,6 +858,33 @@ mod tests {
     }
 
     #[test]
+    fn gzip_of_several_members_inflates_whole() {
+        let mut r = ResultReassembler::default();
+        let mut gz = gzip(b"{\"a\":");
+        gz.extend(gzip(b"1}"));
+        let done = r.push(&message(1, 0, 1, &gz)).unwrap().unwrap();
+        assert_eq!(done.json, b"{\"a\":1}");
+        let mut trailing = gzip(b"{}");
+        trailing.extend_from_slice(b"junk");
+        assert!(matches!(r.push(&message(2, 0, 1, &trailing)), Err(ResultError::Decompress { frame_id: 2, .. })));
+    }
+
+    #[test]
+    fn one_inflater_serves_every_result_even_after_a_bad_one() {
+        let mut r = ResultReassembler::default();
+        let mut bad = gzip(b"{\"bad\":true}");
+        bad.truncate(bad.len() - 6);
+        for frame_id in 1..=20u32 {
+            let json = format!("{{\"frame\":{frame_id},\"pad\":\"{}\"}}", "x".repeat(frame_id as usize * 997));
+            if frame_id % 5 == 0 {
+                assert!(r.push(&message(frame_id + 100, 0, 1, &bad)).is_err());
+            }
+            let done = r.push(&message(frame_id, 0, 1, &gzip(json.as_bytes()))).unwrap().unwrap();
+            assert_eq!(done.json, json.as_bytes(), "frame {frame_id}");
+        }
+    }
+
+    #[test]
     fn gzip_bomb_is_refused() {
         // 300 MB of zeros, streamed through the encoder so the test itself
         // never holds them.
@@ -870,14 +928,14 @@ mod tests {
     #[test]
     fn inflated_buffer_never_grows_past_the_limit() {
         let limit = 3 << 20;
-        let out = match gunzip_bounded(&gzip(&vec![b'a'; limit]), limit) {
+        let out = match Gunzip::default().inflate(gzip(&vec![b'a'; limit]), limit) {
             Ok(out) => out,
             Err(_) => panic!("exactly the limit must inflate"),
         };
         assert_eq!(out.len(), limit);
         assert!(out.capacity() <= limit, "capacity {}", out.capacity());
         assert!(matches!(
-            gunzip_bounded(&gzip(&vec![b'a'; limit + 1]), limit),
+            Gunzip::default().inflate(gzip(&vec![b'a'; limit + 1]), limit),
             Err(GunzipError::TooLarge)
         ));
     }
