@@ -1,6 +1,8 @@
 //! One frame's result document from the `inference` channel (PROTOCOL.md
 //! section 5), what is read out of it, and the client's ack (section 7).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -140,11 +142,25 @@ fn image_kind(base64: &str) -> &'static str {
     }
 }
 
-/// A copy of `value` in which every `{"type":"base64","value":"..."}` object,
-/// at any depth, has its `value` replaced by a short placeholder such as
+/// `value` with every `{"type":"base64","value":"..."}` object, at any
+/// depth, having its `value` replaced by a short placeholder such as
 /// `"<jpeg base64, 12345 bytes>"` (the decoded size). Other keys, such as an
-/// image's `video_metadata`, are kept. For logs and debug output.
-pub fn redact_images(value: &Value) -> Value {
+/// image's `video_metadata`, are kept. For messages, logs and debug output.
+/// A value without images comes back borrowed: each frame's result goes
+/// through here, and most carry none.
+pub fn redact_images(value: &Value) -> Cow<'_, Value> {
+    if has_image(value) { Cow::Owned(redacted_copy(value)) } else { Cow::Borrowed(value) }
+}
+
+fn has_image(value: &Value) -> bool {
+    match value {
+        Value::Object(object) => image_base64(value).is_some() || object.values().any(has_image),
+        Value::Array(items) => items.iter().any(has_image),
+        _ => false,
+    }
+}
+
+fn redacted_copy(value: &Value) -> Value {
     match value {
         Value::Object(object) => {
             if let Some(base64) = image_base64(value) {
@@ -157,7 +173,7 @@ pub fn redact_images(value: &Value) -> Value {
                             base64_decoded_len(base64)
                         ))
                     } else {
-                        redact_images(item)
+                        redacted_copy(item)
                     };
                     copy.insert(key.clone(), item);
                 }
@@ -166,12 +182,12 @@ pub fn redact_images(value: &Value) -> Value {
                 Value::Object(
                     object
                         .iter()
-                        .map(|(key, item)| (key.clone(), redact_images(item)))
+                        .map(|(key, item)| (key.clone(), redacted_copy(item)))
                         .collect(),
                 )
             }
         }
-        Value::Array(items) => Value::Array(items.iter().map(redact_images).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(redacted_copy).collect()),
         other => other.clone(),
     }
 }
@@ -301,8 +317,9 @@ mod tests {
             }
         });
         let redacted = redact_images(&value);
+        assert!(matches!(redacted, Cow::Owned(_)));
         assert_eq!(
-            redacted,
+            *redacted,
             json!({
                 "video_metadata": {"frame_id": 3},
                 "serialized_output_data": {
@@ -316,6 +333,9 @@ mod tests {
         );
         // The original is untouched.
         assert_eq!(find_image(&value, "image"), Some(jpeg.as_str()));
+        // Nothing to redact: no copy.
+        let plain = json!({"serialized_output_data": {"rgb_color": [1, 2, 3], "label": {"type": "text", "value": "x"}}});
+        assert!(matches!(redact_images(&plain), Cow::Borrowed(v) if *v == plain));
     }
 
     #[test]
