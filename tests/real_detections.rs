@@ -17,13 +17,6 @@ use gst::prelude::*;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
 
-fn server() -> String {
-    std::env::var("ROBOFLOW_TEST_SERVER").expect(
-        "ROBOFLOW_TEST_SERVER is not set: start the server with scripts/roboflow-server.sh start \
-         and export ROBOFLOW_TEST_SERVER=http://127.0.0.1:9001 (scripts/test.sh does both)",
-    )
-}
-
 fn file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
@@ -43,7 +36,7 @@ fn run_job(clip: &Path, workflow: &Path, extra: &str, transport: &str, parameter
          connect-timeout=120000 stall-timeout=120000 workflow-spec-file={} video-transport={transport} {extra} \
          roboflowresultsrc name=results session={session} ! videoconvert ! appsink name=out sync=false",
         clip.display(),
-        server(),
+        real_server(),
         workflow.display()
     ));
     if let Some(parameters) = parameters {

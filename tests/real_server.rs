@@ -16,13 +16,6 @@ use gst::prelude::*;
 
 const JOB_LIMIT: Duration = Duration::from_secs(240);
 
-fn server() -> String {
-    std::env::var("ROBOFLOW_TEST_SERVER").expect(
-        "ROBOFLOW_TEST_SERVER is not set: start the server with scripts/roboflow-server.sh start \
-         and export ROBOFLOW_TEST_SERVER=http://127.0.0.1:9001 (scripts/test.sh does both)",
-    )
-}
-
 fn workflow(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows").join(name)
 }
@@ -30,7 +23,7 @@ fn workflow(name: &str) -> PathBuf {
 fn sink(extra: &str) -> String {
     format!(
         "roboflowuploadsink api-url={} api-key=offline-test-key connect-timeout=120000 stall-timeout=120000 {extra}",
-        server()
+        real_server()
     )
 }
 
@@ -348,7 +341,7 @@ fn data_output_star_with_a_stream_output_returns_every_frame_and_its_data() {
 
 /// Live child processes of the local server (its session workers).
 fn server_children() -> Vec<u32> {
-    let port = server().rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    let port = real_server().rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
     let read = |pid: &str, file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
     let pids: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()

@@ -149,6 +149,15 @@ pub fn workflow_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/dominant-color-image.json")
 }
 
+/// The real server the end-to-end tests use (ROBOFLOW_TEST_SERVER); they
+/// fail without it, never pass without having talked to it.
+pub fn real_server() -> String {
+    std::env::var("ROBOFLOW_TEST_SERVER").expect(
+        "ROBOFLOW_TEST_SERVER is not set: start the server with scripts/roboflow-server.sh start \
+         and export ROBOFLOW_TEST_SERVER=http://127.0.0.1:9001 (scripts/test.sh does both)",
+    )
+}
+
 /// The sink's properties for a test against `url`, with short timeouts.
 pub fn sink_properties(url: &str) -> String {
     format!(

@@ -158,11 +158,10 @@ pub fn assert_regions_match(frame: &Frame, boxes: &[JsonBox]) {
             assert_eq!(structure.get::<f64>("height").unwrap(), expected.height, "{what} box {index}: {structure}");
             assert_eq!(structure.get::<u32>("image-width").unwrap(), expected.image.0, "{what} box {index}: {structure}");
         }
-        let (x, y, w, h) = region.rect;
+        let (x, y, _, h) = region.rect;
         let x_min = region.detection.get::<f64>("x_min").unwrap();
         let y_max = region.detection.get::<f64>("y_max").unwrap();
         assert_eq!(x_min, x as f64 / frame.size.0 as f64, "{what} box {index}");
         assert_eq!(y_max, (y + h) as f64 / frame.size.1 as f64, "{what} box {index}");
-        let _ = w;
     }
 }
