@@ -17,6 +17,8 @@ struct Received {
     pts: Vec<gst::ClockTime>,
     /// Mean byte value of the first frame: the worker inverts the image.
     first_mean: Option<f64>,
+    /// The streaming threads the frames arrived in.
+    threads: std::collections::BTreeSet<String>,
 }
 
 fn collect(appsink: &gst_app::AppSink) -> Arc<Mutex<Received>> {
@@ -31,6 +33,10 @@ fn collect(appsink: &gst_app::AppSink) -> Arc<Mutex<Received>> {
                     .ok()
                     .and_then(|m| m.structure().get::<u64>("frame-id").ok());
                 let mut received = sink_received.lock().unwrap();
+                // GStreamer names its streaming threads (Rust's name() does
+                // not see names given outside std).
+                let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+                received.threads.insert(thread.trim().to_owned());
                 received.frame_ids.push(frame_id);
                 received.pts.extend(buffer.pts());
                 if received.first_mean.is_none() {
@@ -70,6 +76,11 @@ fn check_all_paired(received: &Received, frames: usize, stats: &gst::Structure) 
     assert!(received.first_mean.unwrap() > 128.0, "the server's image, not the upload: {:?}", received.first_mean);
     assert_eq!(stats.get::<u64>("frames-paired").unwrap(), frames as u64);
     assert_eq!(stats.get::<u64>("frames-unpaired").unwrap(), 0);
+    // No queue between the frame source and the decoder: the frames cross
+    // no thread after the session hands over their packets.
+    let threads: Vec<&str> = received.threads.iter().map(String::as_str).collect();
+    assert_eq!(threads, ["framesrc:src"], "decoded in the frame source's streaming thread");
+    assert_eq!(stats.get::<u64>("frames-dropped").unwrap(), 0);
 }
 
 /// The worker's default: its JSON leads its RTP by 5 ms, as the server's

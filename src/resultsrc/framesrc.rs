@@ -1,7 +1,8 @@
 // The internal live source of roboflowresultsrc: attaches to a session by
-// name, posts each frame's JSON, and pushes the encoded video into the bin's
-// queue: JPEG from the data channel with its result already on it as a
-// RoboflowInferenceMeta, or the RTP of the returned track, each frame held
+// name, posts each frame's JSON, and pushes the encoded video on: JPEG from
+// the data channel into the bin's queue, with its result already on it as a
+// RoboflowInferenceMeta; or the RTP of the returned track straight into its
+// depayloader and decoder (this thread decodes it), each frame held
 // until its result has arrived (protocol::rtp_pairing) so that the bin's
 // tail only looks the result up by pts.
 //
@@ -160,12 +161,13 @@ impl Default for Params {
 type ReadFrame = (Box<FrameEvent>, Option<ResultMeta>);
 
 struct Attached {
-    /// Frames count as handled once in the queue; the session acks them
+    /// Frames count as handled once pushed (into the queue, or through the
+    /// track's decoder); the session acks them
     /// max-queued-frames ahead, so at most that many results wait in the
     /// client beyond the bounded queue.
     link: SessionLink,
     output: Output,
-    /// Frame whose buffer was handed to basesrc: it has entered the queue
+    /// Frame whose buffer was handed to basesrc: it has been pushed
     /// once create() is called again.
     handed_out: Option<u64>,
     /// A frame read ahead to learn the frame rate before setting caps.
@@ -448,9 +450,9 @@ impl FrameSrc {
         attached.link.stream.frame_handled(frame_id);
     }
 
-    /// Called once the previous buffer has entered the bin's queue: the
-    /// queue's own level is the depth (counting buffers in and out would
-    /// race with the queue's thread).
+    /// Called once the previous buffer has been pushed: the queue's own
+    /// level is the depth (counting buffers in and out would race with the
+    /// queue's thread); the track has no queue (depth 0).
     fn record_queue_entry(&self) {
         let counters = self.shared.lock().unwrap().counters.clone();
         counters.buffers_queued.fetch_add(1, Ordering::Relaxed);
@@ -547,8 +549,7 @@ impl FrameSrc {
     fn on_frame(&self, attached: &mut Attached, frame: &FrameEvent) -> Option<ResultMeta> {
         let shared = self.shared.lock().unwrap().clone();
         shared.counters.frames_received.fetch_add(1, Ordering::Relaxed);
-        let mut structure = crate::bus::inference_structure(frame);
-        let skipped = structure.get::<u32>("detections-skipped").unwrap_or(0);
+        let (mut structure, skipped) = crate::bus::inference_structure(frame);
         if skipped > 0 {
             shared.counters.detections_skipped.fetch_add(u64::from(skipped), Ordering::Relaxed);
             gst::warning!(CAT, imp = self, "frame {}: {skipped} predictions are no usable box (a field missing or not a number, a negative size, outside the image): left out", frame.frame_id);

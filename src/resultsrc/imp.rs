@@ -1,12 +1,16 @@
 // roboflowresultsrc: a bin around the frame source.
 //
-//   framesrc ! queue (max-queued-frames) ! [decoder chain] ! identity ! ghost src
+//   JPEG:  framesrc ! queue (max-queued-frames) ! jpegdec ! identity ! ghost src
+//   track: framesrc ! depayloader ! decoder ! identity ! ghost src
 //
-// The decoder chain is chosen from the caps the frame source announces:
-// jpegdec for data-channel JPEG, depayloader and decoder for the returned
-// RTP track. The queue is the bounded queue of the flow control: while it is
-// full the frame source does not read further results, its acks stop, and
-// the server waits. With realtime processing it leaks its oldest frames.
+// The decoder chain is chosen from the caps the frame source announces. For
+// data-channel JPEG the queue is the bounded queue of the flow control:
+// while it is full the frame source does not read further results, its acks
+// stop, and the server waits; with realtime processing it leaks its oldest
+// frames. The returned track is not paced by acks: its packets wait in the
+// session's bounded track queue (overflow counted as track-packets-dropped)
+// and the frame source decodes each frame in its own streaming thread, so a
+// frame crosses no further thread (the queue is left out of the chain).
 //
 // A JPEG frame carries its result from the frame source on; a decoded track
 // frame carries its result's exact pts, and the tail looks the result up
@@ -26,8 +30,6 @@ use super::regions;
 use super::framesrc::{self, CAT, DEFAULT_MAX_QUEUED_FRAMES, FrameSrcElement, Params, Shared};
 use crate::config::{self, UploadSettings};
 use crate::session::{self, registry};
-/// Bound of the packet queue in track transport (about 4 s of 720p video).
-const TRACK_QUEUE_BYTES: u32 = 8 << 20;
 
 const DEFAULT_ATTACH_ROI_META: bool = true;
 
@@ -330,7 +332,9 @@ impl ResultSrc {
         let queued = counters.buffers_queued.load(Ordering::Relaxed);
         let left = counters.buffers_left_queue.load(Ordering::Relaxed);
         let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
-        let dropped = if self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
+        // Only the queue drops frames, and only JPEG frames go through it.
+        let in_chain = self.queue.static_pad("sink").is_some_and(|pad| pad.is_linked());
+        let dropped = if in_chain && self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
         let packets_dropped = framesrc::track_packets_dropped(&self.shared);
         let acks_sent = framesrc::acks_sent(&self.shared);
         gst::Structure::builder("roboflow-result-stats")
@@ -426,7 +430,8 @@ impl ResultSrc {
         });
     }
 
-    /// Inserts the decoder for `caps` between the queue and the tail.
+    /// Inserts the decoder for `caps` before the tail: after the queue for
+    /// JPEG, straight after the frame source for the track.
     pub(super) fn plug_decoder(&self, caps: &gst::CapsRef) -> Result<(), String> {
         let mut decoder = self.decoder.lock().unwrap();
         if !decoder.is_empty() {
@@ -462,11 +467,19 @@ impl ResultSrc {
             Some(fps) => (500_000_000u64 * fps.denom() as u64) / fps.numer() as u64,
             None => 16_666_666,
         };
-        self.configure_queue(structure.name() == "application/x-rtp", self.shared.realtime.load(Ordering::Relaxed));
+        let rtp = structure.name() == "application/x-rtp";
+        self.configure_queue(self.shared.realtime.load(Ordering::Relaxed));
         let obj = self.obj();
         obj.add_many(&elements).map_err(|err| err.to_string())?;
         self.queue.unlink(&self.tail);
-        let mut chain = vec![&self.queue];
+        let framesrc = self.framesrc.upcast_ref::<gst::Element>();
+        // The track's frames skip the queue (see the top of this file).
+        let mut chain = if rtp {
+            framesrc.unlink(&self.queue);
+            vec![framesrc]
+        } else {
+            vec![&self.queue]
+        };
         chain.extend(elements.iter());
         chain.push(&self.tail);
         gst::Element::link_many(chain).map_err(|err| format!("linking the decoder failed: {err}"))?;
@@ -488,23 +501,19 @@ impl ResultSrc {
             let _ = element.set_state(gst::State::Null);
         }
         let _ = obj.remove_many(&elements);
+        let framesrc = self.framesrc.upcast_ref::<gst::Element>();
+        if !self.queue.static_pad("sink").is_some_and(|pad| pad.is_linked()) {
+            let _ = framesrc.link(&self.queue);
+        }
         let _ = self.queue.link(&self.tail);
     }
 
-    /// Configures the bounded queue for what flows through it: whole frames
-    /// (JPEG) are bounded by max-queued-frames; RTP packets of the returned
-    /// track, a live stream the server does not pace, by bytes, dropping the
-    /// oldest when downstream cannot keep up.
-    fn configure_queue(&self, rtp: bool, realtime: bool) {
-        if rtp {
-            self.queue.set_property("max-size-buffers", 0u32);
-            self.queue.set_property("max-size-bytes", TRACK_QUEUE_BYTES);
-            self.queue.set_property_from_str("leaky", "downstream");
-        } else {
-            let frames = self.params.lock().unwrap().max_queued_frames;
-            self.queue.set_property("max-size-buffers", frames);
-            self.queue.set_property("max-size-bytes", 0u32);
-            self.queue.set_property_from_str("leaky", if realtime { "downstream" } else { "no" });
-        }
+    /// Configures the bounded queue of the JPEG frames: bounded by
+    /// max-queued-frames, leaking the oldest with realtime processing.
+    fn configure_queue(&self, realtime: bool) {
+        let frames = self.params.lock().unwrap().max_queued_frames;
+        self.queue.set_property("max-size-buffers", frames);
+        self.queue.set_property("max-size-bytes", 0u32);
+        self.queue.set_property_from_str("leaky", if realtime { "downstream" } else { "no" });
     }
 }

@@ -31,7 +31,7 @@ use webrtc::peer_connection::{
 use crate::config::{CameraKind, SessionConfig};
 use crate::protocol::live::LiveCodec;
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
-use crate::runtime::RUNTIME;
+use crate::runtime::SessionRuntime;
 use crate::signalling;
 
 use super::core::{Input, Output, PeerState, ResultEvent, SessionCore, SessionStats, State};
@@ -49,9 +49,11 @@ const RESULT_QUEUE: usize = 64;
 /// Chunks handed to the upload task: kept tiny, so that the bytes in flight
 /// are bounded by the channel's send-buffer limit.
 const UPLOAD_QUEUE: usize = 2;
-/// RTP packets of the returned track waiting for the result source; past
-/// this they are dropped (and counted) rather than stalling the connection.
-const TRACK_QUEUE: usize = 1024;
+/// RTP packets of the returned track waiting for the result source (the
+/// only queue they pass: roboflowresultsrc decodes them in its streaming
+/// thread); past this they are dropped (and counted) rather than stalling
+/// the connection. About 5 MiB of packets, seconds of 720p video.
+const TRACK_QUEUE: usize = 4096;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Frames of RTP packets handed to the track's sender task. The sink's
 /// frames-in-flight window bounds what is sent; this only decouples.
@@ -124,6 +126,8 @@ pub(crate) struct Shared {
     stage: Mutex<&'static str>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     closed: AtomicBool,
+    /// The session's own thread, where all of the above runs.
+    runtime: SessionRuntime,
 }
 
 impl std::fmt::Debug for Shared {
@@ -145,6 +149,7 @@ impl Shared {
     pub fn start(name: String, config: SessionConfig) -> (Arc<Shared>, Receivers) {
         let (results_tx, results) = mpsc::channel(RESULT_QUEUE);
         let (track_tx, track) = mpsc::channel(TRACK_QUEUE);
+        let runtime = SessionRuntime::start(&name);
         let shared = Arc::new(Shared {
             name,
             core: Mutex::new(SessionCore::new(&config)),
@@ -166,12 +171,13 @@ impl Shared {
             stage: Mutex::new("creating the peer connection"),
             tasks: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            runtime,
         });
         // Not aborted by close(): a webrtc-rs connection dropped without
         // close() leaves its driver task running. The task notices the close
         // at its next await and closes what it built.
         let connecting = shared.clone();
-        RUNTIME.spawn(async move { connecting.connect().await });
+        shared.runtime.handle().spawn(async move { connecting.connect().await });
         let timer = shared.clone();
         shared.spawn(async move { timer.run_timer().await });
         (shared, Receivers { results, track })
@@ -294,12 +300,13 @@ impl Shared {
         self.upload_channel.lock().unwrap().take();
         if let Some(peer) = self.peer.lock().unwrap().take() {
             let name = self.name.clone();
-            RUNTIME.spawn(async move {
+            self.runtime.handle().spawn(async move {
                 if tokio::time::timeout(CLOSE_TIMEOUT, peer.close()).await.is_err() {
                     gst::warning!(CAT, "session {name}: the peer connection did not close within {CLOSE_TIMEOUT:?}");
                 }
             });
         }
+        self.runtime.stop();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -310,7 +317,7 @@ impl Shared {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let handle = RUNTIME.spawn(future);
+        let handle = self.runtime.handle().spawn(future);
         let mut tasks = self.tasks.lock().unwrap();
         tasks.retain(|task| !task.is_finished());
         if self.is_closed() {
