@@ -155,7 +155,7 @@ fn run(options: &Options) -> Result<(), String> {
                         boxes += found as u64;
                         frames_with_boxes += u64::from(found > 0);
                         let json = structure.get::<&str>("json").unwrap_or("{}");
-                        progress.on_result(frames, total_frames(json));
+                        progress.on_result(frames, || total_frames(json));
                         writeln!(jsonl, "{json}").map_err(|e| format!("writing {}: {e}", options.results))?;
                     }
                     _ => {}
@@ -197,6 +197,8 @@ struct Progress {
     phase: Phase,
     /// Frames in the input, from its header (GstDiscoverer).
     file_frames: Option<u64>,
+    /// The server's total_frames, once a result has carried it.
+    server_total: Option<u64>,
     first_chunk: Option<Instant>,
     uploaded: u64,
 }
@@ -212,7 +214,7 @@ impl Progress {
     fn new(file_frames: Option<u64>) -> Progress {
         let bar = ProgressBar::new_spinner();
         bar.set_style(ProgressStyle::with_template("{spinner} connecting (the server's worker starts) {elapsed}").unwrap());
-        Progress { bar, phase: Phase::Connecting, file_frames, first_chunk: None, uploaded: 0 }
+        Progress { bar, phase: Phase::Connecting, file_frames, server_total: None, first_chunk: None, uploaded: 0 }
     }
 
     fn tick(&self) {
@@ -245,8 +247,13 @@ impl Progress {
         self.first_chunk.map(|first| (first, self.uploaded))
     }
 
-    fn on_result(&mut self, frames: u64, total_in_result: Option<u64>) {
-        let total = total_in_result.or(self.file_frames);
+    /// `server_total` reads the result's total_frames; it is called only
+    /// until a result has carried one, which is then kept.
+    fn on_result(&mut self, frames: u64, server_total: impl FnOnce() -> Option<u64>) {
+        if self.server_total.is_none() {
+            self.server_total = server_total();
+        }
+        let total = self.server_total.or(self.file_frames);
         let phase = Phase::Results { total };
         if self.phase != phase {
             self.bar.finish_and_clear();

@@ -53,8 +53,9 @@ pub fn summary_structure(mut stats: gst::Structure) -> gst::Structure {
 ///
 /// `detections` lists every box of the result's detections outputs
 /// ([`detection_structure`]), `detections-skipped` counts the predictions
-/// that are no usable box.
-pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
+/// that are no usable box; that count is also returned, for the caller's
+/// statistics.
+pub fn inference_structure(frame: &FrameEvent) -> (gst::Structure, u32) {
     let pts = frame.source_pts_ns().map(gst::ClockTime::from_nseconds);
     let errors = serde_json::to_string(&frame.errors).expect("a list of strings is JSON");
     let found = frame_detections(&frame.json);
@@ -69,7 +70,7 @@ pub fn inference_structure(frame: &FrameEvent) -> gst::Structure {
         let latency = live.latency.map(|latency| gst::ClockTime::from_nseconds(latency.as_nanos() as u64));
         builder = builder.field("latency", latency).field("frames-skipped", live.skipped);
     }
-    builder.build()
+    (builder.build(), found.skipped)
 }
 
 /// Name of the structure describing one detected object: an item of the
@@ -124,11 +125,11 @@ mod tests {
     #[test]
     fn errors_read_as_a_list_of_strings_when_printed() {
         gst::init().unwrap();
-        let empty = inference_structure(&frame(&[])).to_string();
+        let empty = inference_structure(&frame(&[])).0.to_string();
         assert!(empty.contains(r#"errors=(string)"\[\]""#), "{empty}");
         assert!(empty.contains("pts=(guint64)100000000"), "{empty}");
 
-        let structure = inference_structure(&frame(&["step x failed", "a, \"b\""]));
+        let (structure, _) = inference_structure(&frame(&["step x failed", "a, \"b\""]));
         let text = structure.to_string();
         assert!(
             text.contains(r#"errors=(string)"\[\"step\ x\ failed\""#),
@@ -152,8 +153,9 @@ mod tests {
             }),
             ..frame(&[])
         };
-        let structure = inference_structure(&event);
+        let (structure, skipped) = inference_structure(&event);
         assert_eq!(structure.get::<u32>("detections-skipped").unwrap(), 1);
+        assert_eq!(skipped, 1, "the count returned is the message's");
         let detections = structure.get::<gst::ArrayRef>("detections").unwrap();
         let boxes: Vec<gst::Structure> = detections.as_slice().iter().map(|v| v.get().unwrap()).collect();
         assert_eq!(boxes.len(), 1);
@@ -164,7 +166,7 @@ mod tests {
              image-width=(uint)64, image-height=(uint)48;"
         );
         // No detections output: an empty list, nothing skipped.
-        let plain = inference_structure(&frame(&[]));
+        let (plain, _) = inference_structure(&frame(&[]));
         assert!(plain.get::<gst::ArrayRef>("detections").unwrap().as_slice().is_empty());
         assert_eq!(plain.get::<u32>("detections-skipped").unwrap(), 0);
     }
@@ -177,7 +179,7 @@ mod tests {
                 pts_seconds: Some(seconds),
                 ..frame(&[])
             };
-            let structure = inference_structure(&event);
+            let (structure, _) = inference_structure(&event);
             assert_eq!(
                 structure.get::<Option<gst::ClockTime>>("pts").unwrap(),
                 None

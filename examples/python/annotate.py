@@ -163,6 +163,8 @@ class Progress:
         self.results_started = None
         self.frames = 0
         self.total = None
+        # The server's total_frames, once a result has carried it.
+        self.server_total = None
         self.ticks = 0
 
     def draw(self, text):
@@ -194,12 +196,16 @@ class Progress:
             f"{human_bytes(rate)}/s ETA {eta:.0f}s"
         )
 
-    def on_result(self, frames, total_in_result):
+    def on_result(self, frames, result_text):
+        """`result_text`: the result's JSON, read for the server's total
+        until one has carried it (None: no new result)."""
         if self.phase != "results":
             self.phase = "results"
             self.results_started = time.monotonic()
         self.frames = frames
-        self.total = total_in_result or self.total or self.file_frames
+        if self.server_total is None and result_text is not None:
+            self.server_total = total_frames(json.loads(result_text))
+        self.total = self.server_total or self.file_frames
         elapsed = max(time.monotonic() - self.results_started, 1e-3)
         rate = frames / elapsed
         if self.total:
@@ -340,7 +346,7 @@ def run(options):
                 boxes += found
                 frames_with_boxes += found > 0
                 text = structure.get_value("json")
-                progress.on_result(frames, total_frames(json.loads(text)))
+                progress.on_result(frames, text)
                 jsonl.write(text + "\n")
     progress.finish()
     pipeline.set_state(Gst.State.NULL)

@@ -997,7 +997,7 @@ impl UploadSink {
     }
 
     pub(super) fn post_inference(&self, frame: &FrameEvent) {
-        let structure = inference_structure(frame);
+        let (structure, _skipped) = inference_structure(frame);
         let _ = self
             .obj()
             .post_message(gst::message::Element::builder(structure).src(&*self.obj()).build());
