@@ -10,17 +10,23 @@
 # camera; the Workflow (examples/workflows/blur-dominant-color.json) returns
 # `rgb_color` on the data channel and the `blurred` image as a WebRTC video
 # track, which both clients decode, every frame:
-#   ours: gst-launch-1.0 -m roboflowresultsrc source-url=URL api-url=...
-#         workflow-spec-file=... data-output=rgb_color stream-output=blurred
-#         video-transport=track realtime-processing=true ! fakesink
+#   ours: examples/bench_camera.rs, an application running
+#         roboflowresultsrc source-url=URL api-url=... workflow-spec-file=...
+#         data-output=rgb_color stream-output=blurred video-transport=track
+#         realtime-processing=true ! fakesink; per roboflow-inference
+#         message it parses the result's JSON and keeps rgb_color and the
+#         pts, which is what the SDK script's on_data handler does
 #         (the release plugin, GST_PLUGIN_PATH=target/release)
+#   launch (not run by default): the same pipeline as
+#         gst-launch-1.0 -m ... ! fakesink, which also prints every message
+#         in full (about 0.05-0.1 s of CPU more over 900 frames)
 #   SDK:  RTSPSource + StreamConfig(stream_output=["blurred"],
 #         data_output=["rgb_color"], realtime_processing=True), an on_frame
 #         handler that receives every decoded frame, session.run()
 # Both run until the camera's stream ends (the server's processing_complete).
 # Environment:
 #   BENCH_RUNS        runs per client (2)
-#   BENCH_CLIENTS     "ours sdk" (default), or one of them
+#   BENCH_CLIENTS     "ours sdk" (default); any of ours, sdk, launch
 #   BENCH_FRAMES      camera frames per session (900)
 #   BENCH_FPS         camera frame rate (15)
 #   BENCH_WIDTH / BENCH_HEIGHT   camera frame size (640 / 480)
@@ -29,8 +35,8 @@
 #   BENCH_REALTIME    realtime processing, 1 (default) or 0
 #   BENCH_TIMEOUT     seconds allowed per session (FRAMES / FPS + 120); a
 #                     session over it is killed and counted as a timeout
-#   BENCH_BUILD       1 (default): cargo build --release the plugin and the
-#                     camera first; 0: use what is in ${CARGO_TARGET_DIR:-target}
+#   BENCH_BUILD       1 (default): cargo build --release the plugin, the
+#                     camera and the application first; 0: use what is in ${CARGO_TARGET_DIR:-target}
 #   ROBOFLOW_SERVER_PORT  as for scripts/roboflow-server.sh (9001)
 # Uses the server answering on 127.0.0.1, or starts one with
 # scripts/roboflow-server.sh; it never stops the server (others may use it).
@@ -78,6 +84,7 @@ SUMMARY="$OUT/camera-$STAMP.json"
 REPORT="$OUT/camera-report-$STAMP.txt"
 TARGET="${CARGO_TARGET_DIR:-target}"
 CAMERA="$TARGET/release/examples/rtsp_camera"
+APP="$TARGET/release/examples/bench_camera"
 
 log() { echo "bench_camera: $*" >&2; }
 
@@ -110,11 +117,14 @@ fi
 
 # --- the plugin and the camera, release build
 if [ "$BUILD" = 1 ]; then
-    log "building the plugin and examples/rtsp_camera.rs (release)"
-    cargo build --release --locked --lib --example rtsp_camera >&2
+    log "building the plugin, examples/rtsp_camera.rs and examples/bench_camera.rs (release)"
+    cargo build --release --locked --lib --example rtsp_camera --example bench_camera >&2
 fi
 PLUGIN_DIR="$(realpath -m "$TARGET/release")"
 [ -x "$CAMERA" ] || { log "$CAMERA is missing (BENCH_BUILD=0 and no build there)"; exit 1; }
+if [[ " $CLIENTS " == *" ours "* ]]; then
+    [ -x "$APP" ] || { log "$APP is missing (BENCH_BUILD=0 and no build there)"; exit 1; }
+fi
 [ -f "$PLUGIN_DIR/libgstroboflow.so" ] || { log "$PLUGIN_DIR/libgstroboflow.so is missing"; exit 1; }
 export GST_PLUGIN_PATH="$PLUGIN_DIR"
 # Refresh GStreamer's registry now, so no session pays for the plugin scan.
@@ -159,9 +169,14 @@ run_job() { # client run
     local name="$client-$run"
     start_camera "$LOGS/$name.camera"
     local cmd out="$LOGS/$name.out"
+    local realtime=false
+    [ "$REALTIME" = 1 ] && realtime=true
     if [ "$client" = ours ]; then
-        local realtime=false
-        [ "$REALTIME" = 1 ] && realtime=true
+        cmd=("$APP" --source-url "$CAMERA_URL" --api-url "$API_URL" --workflow-spec-file "$WORKFLOW"
+             --data-output "$DATA_OUTPUT" --stream-output "$STREAM_OUTPUT" --realtime "$REALTIME"
+             --results-file "$LOGS/$name.results.json" --timeout "$TIMEOUT")
+        out="$LOGS/$name.app"
+    elif [ "$client" = launch ]; then
         cmd=(gst-launch-1.0 -m roboflowresultsrc "source-url=$CAMERA_URL" "api-url=$API_URL"
              "workflow-spec-file=$WORKFLOW" "data-output=$DATA_OUTPUT" "stream-output=$STREAM_OUTPUT"
              video-transport=track "realtime-processing=$realtime" ! fakesink)
@@ -182,6 +197,8 @@ run_job() { # client run
     set -e
     stop_camera
     if [ "$client" = ours ]; then
+        "$PY" scripts/bench_common.py app-camera "$out" "$LOGS/$name.results.json" "$FPS" >"$LOGS/$name.out"
+    elif [ "$client" = launch ]; then
         # gst-launch prints the messages; their figures become the job's line.
         "$PY" scripts/bench_common.py gst-camera "$out" "$FPS" >"$LOGS/$name.out"
     fi
@@ -265,6 +282,13 @@ if cpu.get("ours_over_sdk") is not None:
     ratio = cpu["ours_over_sdk"]
     print()
     print(f"issue #10 goal (client CPU <= 0.3x the SDK's): {ratio:.2f}x, {'met' if ratio <= 0.3 else 'NOT met'}")
+launch = [j for j in jobs if j["client"] == "launch"]
+if launch:
+    a = summary([metric(j, "cpu_seconds") for j in launch])
+    b = summary([metric(j, "cpu_seconds") for j in sdk])
+    out["table"]["cpu_seconds_launch"] = {"launch": a, "sdk": b}
+    ratio = f"{a['median'] / b['median']:.2f}x the SDK's" if a and b and b["median"] else "-"
+    print(f"gst-launch-1.0 -m (prints every message): client CPU {show(a, 2, 'median')} s, {ratio}")
 print()
 def fmt(value, digits):
     return "-" if value is None else f"{value:.{digits}f}"

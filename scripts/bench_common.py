@@ -24,7 +24,9 @@ any) updated with:
   (1, 2.5, true, null, "text"), else as a string.
     python3 scripts/bench_common.py gst-camera GST_LAUNCH_STDOUT FPS
 prints one JSON line of figures from a `gst-launch-1.0 -m roboflowresultsrc
-source-url=...` run (see gst_launch_camera_job), for scripts/bench_camera.sh.
+source-url=...` run (see gst_launch_camera_job), for scripts/bench_camera.sh;
+    python3 scripts/bench_common.py app-camera APP_STDOUT RESULTS_FILE FPS
+the same from an `examples/bench_camera.rs` run (see app_camera_job).
 Python 3 standard library only: any python3 runs it.
 """
 
@@ -283,6 +285,33 @@ def gst_launch_camera_job(path, fps, colour_output="rgb_color"):
     }
 
 
+def app_camera_job(path, results_path, fps):
+    """Figures of an examples/bench_camera.rs run: its JSON line, with the
+    camera frames its results file names (as the SDK script computes them)."""
+    job = {}
+    for line in open(path, errors="replace"):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                job = json.loads(line)
+            except ValueError:
+                pass
+    try:
+        rows = json.load(open(results_path))
+    except (OSError, ValueError):
+        rows = []
+    frames = camera_frames([(row.get("rgb"), row.get("pts_seconds")) for row in rows], fps)
+    job.update({
+        "camera_first": frames["first"],
+        "camera_last": frames["last"],
+        "camera_distinct": frames["distinct"],
+        "camera_out_of_order": frames["out_of_order"],
+        "undecodable_results": frames["undecodable"],
+        "camera_indices": frames["indices"],
+    })
+    return job
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "job":
         base, exit_code = argv[1], int(argv[2])
@@ -295,6 +324,9 @@ def main(argv):
     if len(argv) in (3, 4) and argv[0] == "gst-camera":
         job = gst_launch_camera_job(argv[1], float(argv[2]), *argv[3:])
         print(json.dumps(job))
+        return 0
+    if len(argv) == 4 and argv[0] == "app-camera":
+        print(json.dumps(app_camera_job(argv[1], argv[2], float(argv[3]))))
         return 0
     print(__doc__, file=sys.stderr)
     return 2
