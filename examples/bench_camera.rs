@@ -166,7 +166,7 @@ fn main() {
     let _ = pipeline.set_state(gst::State::Null);
 
     if let Some(path) = &options.results_file
-        && let Err(err) = std::fs::write(path, serde_json::Value::Array(results.clone()).to_string())
+        && let Err(err) = std::fs::write(path, serde_json::to_string(&results).expect("JSON values serialise"))
     {
         eprintln!("bench_camera: {path}: {err}");
     }

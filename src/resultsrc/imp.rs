@@ -333,8 +333,7 @@ impl ResultSrc {
         let left = counters.buffers_left_queue.load(Ordering::Relaxed);
         let level = u64::from(self.queue.property::<u32>("current-level-buffers"));
         // Only the queue drops frames, and only JPEG frames go through it.
-        let in_chain = self.queue.static_pad("sink").is_some_and(|pad| pad.is_linked());
-        let dropped = if in_chain && self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
+        let dropped = if self.queue_in_chain() && self.shared.realtime.load(Ordering::Relaxed) { queued.saturating_sub(left + level) } else { 0 };
         let packets_dropped = framesrc::track_packets_dropped(&self.shared);
         let acks_sent = framesrc::acks_sent(&self.shared);
         gst::Structure::builder("roboflow-result-stats")
@@ -502,10 +501,15 @@ impl ResultSrc {
         }
         let _ = obj.remove_many(&elements);
         let framesrc = self.framesrc.upcast_ref::<gst::Element>();
-        if !self.queue.static_pad("sink").is_some_and(|pad| pad.is_linked()) {
+        if !self.queue_in_chain() {
             let _ = framesrc.link(&self.queue);
         }
         let _ = self.queue.link(&self.tail);
+    }
+
+    /// Whether frames pass the queue: JPEG does, the track bypasses it.
+    fn queue_in_chain(&self) -> bool {
+        self.queue.static_pad("sink").is_some_and(|pad| pad.is_linked())
     }
 
     /// Configures the bounded queue of the JPEG frames: bounded by
