@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{NackResponderBuilder, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -25,7 +26,7 @@ use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState, RTCSessionDescription, Registry,
-    SettingEngineBuilder, register_default_interceptors,
+    SettingEngineBuilder, configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 
 use crate::config::{CameraKind, SessionConfig};
@@ -408,8 +409,7 @@ impl Shared {
                 .map_err(|err| setup("registering the video codec failed", err))?,
             None => media.register_default_codecs().map_err(|err| setup("registering codecs failed", err))?,
         }
-        let mut registry = register_default_interceptors(Registry::new(), &mut media)
-            .map_err(|err| setup("registering interceptors failed", err))?;
+        let mut registry = interceptors(&mut media).map_err(|err| setup("registering interceptors failed", err))?;
         if config.live.is_some() {
             registry = super::rtcp::with_keyframe_requests(registry);
         }
@@ -729,6 +729,22 @@ impl Shared {
             self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The interceptors of every session: webrtc-rs's defaults (NACK responder,
+/// RTCP reports, TWCC receiver, the simulcast header extensions), with our
+/// NACK generator in place of theirs, which woke the session every 100 ms
+/// whether anything was lost or not (nack.rs).
+fn interceptors(media: &mut MediaEngine) -> Result<Registry, rtc::shared::error::Error> {
+    for parameter in ["", "pli"] {
+        media.register_feedback(RTCPFeedback { typ: "nack".to_owned(), parameter: parameter.to_owned() }, RtpCodecKind::Video);
+    }
+    let registry = Registry::new()
+        .with(Slot::NackResponder, NackResponderBuilder::new().build())
+        .with(Slot::NackGenerator, super::nack::LossNacks::new(random_u32()));
+    configure_simulcast_extension_headers(media)?;
+    let registry = configure_twcc_receiver_only(registry, media)?;
+    Ok(configure_rtcp_reports(registry))
 }
 
 /// The one video codec of a live session's media engine.

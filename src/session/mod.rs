@@ -1,6 +1,7 @@
 // One upload-and-results session with the server:
 // - core.rs: the protocol logic, sans-IO (events in, actions out, time passed in);
 // - driver.rs: webrtc-rs and the signalling around that core;
+// - nack.rs: the NACKs for the returned video, sent only on loss;
 // - endpoints.rs: the two single-owner ends, the sink's upload writer and the
 //   one result stream;
 // - registry.rs: session names, and result sources that claim one;
@@ -11,6 +12,7 @@ mod driver;
 pub mod endpoints;
 pub mod error;
 pub mod registry;
+mod nack;
 mod rtcp;
 
 use std::sync::Arc;
