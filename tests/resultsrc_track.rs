@@ -217,3 +217,61 @@ fn rtp_racing_its_json_still_pairs_every_frame() {
         check_all_paired(&received.lock().unwrap(), 30, summary[0]);
     }
 }
+
+/// Packets of the returned track lost on the way (first transmissions only):
+/// the source NACKs them, waits for the retransmission, puts it back in its
+/// place, and every frame decodes. Nothing is given up, no keyframe asked.
+#[test]
+fn lost_packets_are_resent_on_nack_and_every_frame_decodes() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
+    let worker = TestWorker::start(WorkerConfig { track_lose_packets: vec![3, 12, 13, 25], ..Default::default() });
+    let (received, outcome) = track_job(&clip, &worker, "track-nack");
+    assert!(outcome.eos, "{:?}", outcome.error);
+    let summary = outcome.named("roboflow-result-summary");
+    check_all_paired(&received.lock().unwrap(), 30, summary[0]);
+    assert_eq!(summary[0].get::<u64>("track-packets-lost").unwrap(), 0, "every loss repaired: {:?}", summary[0]);
+    assert_eq!(summary[0].get::<u64>("keyframe-requests").unwrap(), 0);
+    let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
+    assert_eq!(report.track_packets_lost, 4, "the worker lost them on the wire");
+    assert!(report.track_retransmissions >= 4, "each was NACKed and resent: {} retransmissions", report.track_retransmissions);
+    assert_eq!(report.track_keyframe_requests, 0);
+}
+
+/// A packet lost for good (its retransmissions too) breaks its frame and
+/// every frame after it up to a keyframe, which the server's encoder sends
+/// only when asked: the source gives the packet up after its loss wait,
+/// drops the broken frames rather than showing them corrupted, asks for a
+/// keyframe (PLI), and decodes again from it. The dropped frames' results
+/// still arrive, and the statistics say what happened.
+#[test]
+fn a_packet_lost_for_good_drops_frames_until_the_keyframe_the_source_asks_for() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let frames = 60;
+    let clip = make_clip(&dir.path().join("clip.mp4"), frames, 320, 240);
+    let worker = TestWorker::start(WorkerConfig {
+        track_lose_packets: vec![40],
+        track_lose_retransmissions: true,
+        // No keyframe but the first and the ones asked for, as aiortc.
+        track_keyframe_interval: 10_000,
+        ..Default::default()
+    });
+    let (received, outcome) = track_job(&clip, &worker, "track-pli");
+    assert!(outcome.eos, "{:?}", outcome.error);
+    assert_eq!(outcome.named("roboflow-inference").len(), frames as usize, "every result still arrives");
+    let summary = outcome.named("roboflow-result-summary")[0];
+    assert_eq!(summary.get::<u64>("track-packets-lost").unwrap(), 1, "{summary:?}");
+    assert!(summary.get::<u64>("keyframe-requests").unwrap() >= 1, "{summary:?}");
+    let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
+    assert!(report.track_keyframe_requests >= 1, "the worker got the PLI");
+    let received = received.lock().unwrap();
+    let ids: Vec<u64> = received.frame_ids.iter().map(|id| id.expect("every decoded frame pairs")).collect();
+    // Decoded: the frames before the loss, then from the keyframe on, to the end.
+    let resumed = ids.windows(2).position(|pair| pair[1] != pair[0] + 1).expect("frames were dropped after the loss");
+    assert!(ids[..=resumed].iter().copied().eq(1..=ids[resumed]), "every frame before the loss: {ids:?}");
+    assert!(ids[resumed + 1..].iter().copied().eq(ids[resumed + 1]..=frames as u64), "every frame from the keyframe to the end: {ids:?}");
+    assert_eq!(summary.get::<u64>("frames-pushed").unwrap(), ids.len() as u64);
+    assert_eq!(summary.get::<u64>("frames-unpaired").unwrap(), 0);
+}

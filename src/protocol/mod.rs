@@ -10,6 +10,7 @@ pub mod initialise;
 pub mod keepalive;
 pub mod live;
 pub mod results;
+pub mod rtp_order;
 pub mod rtp_pairing;
 pub mod upload;
 

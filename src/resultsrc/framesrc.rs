@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use super::META_NAME;
 use crate::config::{CameraKind, VideoTransport};
 use crate::protocol::find_image;
+use crate::protocol::rtp_order::{DEFAULT_LOSS_WAIT, RtpOrder};
 use crate::protocol::rtp_pairing::{DEFAULT_HOLD, Released, ResultsByPts, TrackPairing, VIDEO_CLOCK_RATE};
 use crate::runtime::Waits;
 use crate::stop::{Stop, waited};
@@ -61,6 +62,9 @@ pub struct Counters {
     /// Predictions that are no usable box (bus `detections-skipped`), and
     /// boxes left with no pixel in the frame they belong to.
     pub detections_skipped: AtomicU64,
+    /// Track packets that did not come (nor a retransmission) within the
+    /// loss wait: their frame is broken, the depayloader asks for a keyframe.
+    pub track_packets_lost: AtomicU64,
 }
 
 /// A frame's result as it rides on its video: the fields of its
@@ -173,6 +177,10 @@ struct Attached {
     /// A frame read ahead to learn the frame rate before setting caps.
     held: Option<ReadFrame>,
     caps_sent: bool,
+    /// The track's packets back in sequence order, a lost one waited for.
+    order: RtpOrder<Bytes>,
+    /// `order.lost()` as last counted in the statistics.
+    lost_counted: u64,
     pairing: TrackPairing<Bytes>,
     /// processing_complete arrived; RTP still in flight is drained (the two
     /// travel apart, so the last frames' packets may come after it).
@@ -260,7 +268,40 @@ impl ElementImpl for FrameSrc {
 }
 
 impl BaseSrcImpl for FrameSrc {
+    /// The track's depayloader met a loss it cannot repair (see
+    /// `plug_decoder`): the server's encoder sends a keyframe only when
+    /// asked, so ask.
+    fn event(&self, event: &gst::Event) -> bool {
+        if gst_video::UpstreamForceKeyUnitEvent::parse(event).is_ok() {
+            let shared = self.shared.lock().unwrap().clone();
+            if let Some(session) = shared.session.lock().unwrap().as_ref() {
+                gst::debug!(CAT, imp = self, "the depayloader lost a frame: asking the server for a keyframe");
+                session.request_keyframe();
+            }
+            return true;
+        }
+        self.parent_event(event)
+    }
+
     fn start(&self) -> Result<(), gst::ErrorMessage> {
+        // basesrc marks its first buffer DISCONT, which the track's
+        // depayloader (request-keyframe) takes for a loss and answers with
+        // a keyframe request: the stream starts with a keyframe anyway, and
+        // a real gap, in the first frame too, is still seen by the
+        // depayloader from the sequence numbers.
+        self.obj().static_pad("src").expect("basesrc has a src pad").add_probe(
+            gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
+            |_, info| {
+                if let Some(gst::PadProbeData::Buffer(buffer)) = &mut info.data {
+                    buffer.make_mut().unset_flags(gst::BufferFlags::DISCONT);
+                } else if let Some(gst::PadProbeData::BufferList(list)) = &mut info.data
+                    && let Some(first) = list.make_mut().get_mut(0)
+                {
+                    first.unset_flags(gst::BufferFlags::DISCONT);
+                }
+                gst::PadProbeReturn::Remove
+            },
+        );
         *self.state.lock().unwrap() = State::Idle;
         self.finished.store(false, Ordering::Release);
         Ok(())
@@ -438,6 +479,8 @@ impl FrameSrc {
             handed_out: None,
             held: None,
             caps_sent: false,
+            order: RtpOrder::new(DEFAULT_LOSS_WAIT),
+            lost_counted: 0,
             pairing: TrackPairing::new(VIDEO_CLOCK_RATE, DEFAULT_HOLD),
             draining: false,
             track_done: false,
@@ -631,6 +674,8 @@ impl FrameSrc {
             return Ok(Some(released));
         }
         if attached.track_done {
+            attached.order.finish();
+            order_into_pairing(attached, Instant::now());
             attached.pairing.finish();
             if let Some(released) = released_packets(&mut attached.pairing) {
                 return Ok(Some(released));
@@ -642,7 +687,10 @@ impl FrameSrc {
         // A pending hold ends the wait by itself; draining ends when the
         // track goes quiet.
         let timeout = (!attached.draining).then_some(stall);
-        let deadline = attached.pairing.next_deadline();
+        let deadline = match (attached.pairing.next_deadline(), attached.order.next_deadline()) {
+            (Some(pairing), Some(order)) => Some(pairing.min(order)),
+            (pairing, order) => pairing.or(order),
+        };
         let input = self.wait(
             timeout,
             || format!("neither results nor video from the server for {:.1} s (stall-timeout)", stall.as_secs_f64()),
@@ -687,19 +735,52 @@ impl FrameSrc {
             }
             Input::Packet(bytes) => {
                 if attached.caps_sent && bytes.len() >= 12 {
-                    let timestamp = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-                    gst::trace!(CAT, "packet seq {} ts {timestamp} marker {}", u16::from_be_bytes([bytes[2], bytes[3]]), bytes[1] >> 7);
-                    attached.pairing.on_packet(timestamp, bytes, now);
+                    let sequence = u16::from_be_bytes([bytes[2], bytes[3]]);
+                    gst::trace!(CAT, "packet seq {sequence} marker {}", bytes[1] >> 7);
+                    attached.order.push(sequence, bytes, now);
                 }
             }
             Input::TrackDone => attached.track_done = true,
             Input::TrackClosed => {
+                attached.order.finish();
+                order_into_pairing(attached, now);
                 attached.pairing.finish();
                 attached.track_done = attached.draining;
             }
             Input::HoldOver => {}
         }
+        order_into_pairing(attached, now);
+        self.count_lost_packets(attached);
         Ok(())
+    }
+}
+
+/// Hands the packets that are in order (or whose wait for a lost one ran
+/// out) to the pairing.
+fn order_into_pairing(attached: &mut Attached, now: Instant) {
+    while let Some(packet) = attached.order.poll(now) {
+        let timestamp = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        attached.pairing.on_packet(timestamp, packet, now);
+    }
+}
+
+impl FrameSrc {
+    /// Counts the track packets given up, and says so once per loss.
+    fn count_lost_packets(&self, attached: &mut Attached) {
+        let lost = attached.order.lost();
+        if lost == attached.lost_counted {
+            return;
+        }
+        gst::info!(
+            CAT,
+            imp = self,
+            "{} RTP packets of the returned track lost (not retransmitted within {} ms): the depayloader asks the server for a keyframe",
+            lost - attached.lost_counted,
+            DEFAULT_LOSS_WAIT.as_millis()
+        );
+        attached.lost_counted = lost;
+        let shared = self.shared.lock().unwrap().clone();
+        shared.counters.track_packets_lost.store(lost, Ordering::Relaxed);
     }
 }
 
@@ -757,6 +838,11 @@ fn fraction(fps: f64) -> gst::Fraction {
 /// RTP packets the session dropped because the source read too slowly.
 pub fn track_packets_dropped(shared: &Shared) -> u64 {
     shared.session.lock().unwrap().as_ref().map_or(0, SessionProbe::track_packets_dropped)
+}
+
+/// Keyframe requests (PLI) the session sent for the returned track.
+pub fn keyframe_requests_sent(shared: &Shared) -> u64 {
+    shared.session.lock().unwrap().as_ref().map_or(0, SessionProbe::keyframe_requests_sent)
 }
 
 /// Acks the session sent for this source.

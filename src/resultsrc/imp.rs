@@ -345,6 +345,8 @@ impl ResultSrc {
             .field("max-queue-depth", counters.max_queue_depth.load(Ordering::Relaxed))
             .field("frames-dropped", dropped)
             .field("track-packets-dropped", packets_dropped)
+            .field("track-packets-lost", counters.track_packets_lost.load(Ordering::Relaxed))
+            .field("keyframe-requests", framesrc::keyframe_requests_sent(&self.shared))
             .field("results-missed", framesrc::results_missed(&self.shared))
             .field("regions-attached", counters.regions_attached.load(Ordering::Relaxed))
             .field("detections-skipped", counters.detections_skipped.load(Ordering::Relaxed))
@@ -467,6 +469,16 @@ impl ResultSrc {
             None => 16_666_666,
         };
         let rtp = structure.name() == "application/x-rtp";
+        if rtp {
+            // A packet lost for good (not retransmitted within the frame
+            // source's loss wait) breaks its frame and every frame after
+            // it up to a keyframe, which the server's encoder sends only
+            // when asked: drop those frames rather than show them
+            // corrupted, and ask (the frame source turns the request into
+            // a PLI).
+            elements[0].set_property("request-keyframe", true);
+            elements[0].set_property("wait-for-keyframe", true);
+        }
         self.configure_queue(self.shared.realtime.load(Ordering::Relaxed));
         let obj = self.obj();
         obj.add_many(&elements).map_err(|err| err.to_string())?;

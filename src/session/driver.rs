@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{NackResponderBuilder, Slot};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -115,6 +116,11 @@ pub(crate) struct Shared {
     track_packets_dropped: AtomicU64,
     /// Live video: the server asked for a keyframe (PLI/FIR).
     keyframe_requested: AtomicBool,
+    /// The returned track: the result source asks the server for a keyframe
+    /// (its depayloader met a loss); sent as a PLI.
+    keyframe_wanted: Notify,
+    /// PLIs sent for the returned track.
+    keyframe_requests_sent: AtomicU64,
     /// Chunks to the upload task, once the upload channel is open.
     upload_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
     /// Frames to the client track's sender task, once connected (live).
@@ -164,6 +170,8 @@ impl Shared {
             track_tx,
             track_packets_dropped: AtomicU64::new(0),
             keyframe_requested: AtomicBool::new(false),
+            keyframe_wanted: Notify::new(),
+            keyframe_requests_sent: AtomicU64::new(0),
             upload_tx: Mutex::new(None),
             track_out_tx: Mutex::new(None),
             control_tx: Mutex::new(None),
@@ -690,10 +698,22 @@ impl Shared {
         self.spawn(async move {
             let mut packets = 0u64;
             let mut codec_sent = false;
-            while let Some(event) = track.poll().await {
+            let mut media_ssrc = None;
+            loop {
+                let event = tokio::select! {
+                    event = track.poll() => event,
+                    _ = session.keyframe_wanted.notified() => {
+                        if let Some(media_ssrc) = media_ssrc {
+                            session.send_picture_loss(&track, media_ssrc).await;
+                        }
+                        continue;
+                    }
+                };
+                let Some(event) = event else { break };
                 match event {
                     TrackRemoteEvent::OnRtpPacket(packet) => {
                         packets += 1;
+                        media_ssrc = Some(packet.header.ssrc);
                         if !codec_sent {
                             codec_sent = true;
                             let codec = track.codec(packet.header.ssrc).await;
@@ -722,6 +742,27 @@ impl Shared {
             }
             gst::debug!(CAT, "session {}: returned track ended after {packets} RTP packets", session.name);
         });
+    }
+
+    /// Asks the server for a keyframe of the returned track (RFC 4585 PLI):
+    /// its encoder sends one only at the start and when asked.
+    pub fn request_keyframe(&self) {
+        self.keyframe_wanted.notify_one();
+    }
+
+    pub fn keyframe_requests_sent(&self) -> u64 {
+        self.keyframe_requests_sent.load(Ordering::Relaxed)
+    }
+
+    async fn send_picture_loss(&self, track: &Arc<dyn TrackRemote>, media_ssrc: u32) {
+        let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc };
+        match track.write_rtcp(vec![Box::new(pli)]).await {
+            Ok(()) => {
+                let sent = self.keyframe_requests_sent.fetch_add(1, Ordering::Relaxed) + 1;
+                gst::info!(CAT, "session {}: asked the server for a keyframe of the returned track ({sent} so far)", self.name);
+            }
+            Err(err) => gst::warning!(CAT, "session {}: the keyframe request (PLI) could not be sent: {err}", self.name),
+        }
     }
 
     fn deliver_track(&self, item: TrackItem) {

@@ -315,6 +315,16 @@ impl SessionProbe {
     pub fn track_packets_dropped(&self) -> u64 {
         self.0.track_packets_dropped()
     }
+
+    /// Asks the server for a keyframe of the returned track.
+    pub fn request_keyframe(&self) {
+        self.0.request_keyframe();
+    }
+
+    /// Keyframe requests (PLI) sent for the returned track.
+    pub fn keyframe_requests_sent(&self) -> u64 {
+        self.0.keyframe_requests_sent()
+    }
 }
 
 impl UploadWriter {

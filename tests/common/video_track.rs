@@ -22,7 +22,7 @@ pub const VIDEO_CLOCK_RATE: u32 = 90_000;
 const MAX_PACKETS_PER_FRAME: usize = 20_000;
 const ENCODE_TIMEOUT_SECONDS: u64 = 10;
 /// Frames between keyframes of the returned track.
-const DEFAULT_KEYFRAME_INTERVAL: u32 = 30;
+pub const DEFAULT_KEYFRAME_INTERVAL: u32 = 30;
 /// The track's payload size; leaves room for SRTP and header extensions.
 const RTP_MTU: u32 = 1200;
 
@@ -397,6 +397,12 @@ impl RtpEncoder {
             source,
             sink,
         })
+    }
+
+    /// Makes the next frame a keyframe (a PLI or FIR asked for one).
+    pub fn force_keyframe(&mut self) {
+        let event = gst_video::DownstreamForceKeyUnitEvent::builder().all_headers(true).build();
+        self.source.send_event(event);
     }
 
     /// Encodes one frame and returns its packets, up to the marker bit.

@@ -63,6 +63,10 @@ use bytes::BytesMut;
 use flate2::{Compress, Compression, FlushCompress};
 use gst_video::prelude::*;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{Interceptor, Packet as ChainPacket, Slot, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::sansio::Protocol;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -86,7 +90,7 @@ use webrtc::runtime::{
 };
 
 use super::video_track::{
-    OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame,
+    DEFAULT_KEYFRAME_INTERVAL, OfferedCodec, RtpEncoder, VIDEO_CLOCK_RATE, choose_track_codec, inverted_frame,
     live_track_format, random_u32, stamp_frame, video_section,
 };
 #[allow(unused_imports)]
@@ -167,6 +171,16 @@ pub struct WorkerConfig {
     /// the encoder, like aiortc's encoder dropping the first frame; the
     /// track starts with frame 2 (a keyframe).
     pub track_lose_first_frame: bool,
+    /// Track transport: these RTP packets of the returned track (1-based,
+    /// counting first transmissions only) are lost on the wire after the
+    /// NACK responder kept them, so a NACK can still have them resent.
+    pub track_lose_packets: Vec<u32>,
+    /// With `track_lose_packets`: every retransmission is lost too, so the
+    /// loss is for good and only a keyframe (asked for with a PLI, which the
+    /// worker answers as aiortc does) repairs the picture.
+    pub track_lose_retransmissions: bool,
+    /// Track transport: frames between the encoder's own keyframes (30).
+    pub track_keyframe_interval: u32,
     /// Track transport: paints the top [`STAMP_ROWS`] rows of each returned
     /// image with [`stamp_level`] of its frame id, so a test can tell which
     /// frame a decoded picture is, whatever the plugin paired it with.
@@ -219,6 +233,9 @@ impl Default for WorkerConfig {
             realtime_drop_every: None,
             time_base: (1, PTS_CLOCK_RATE as u32),
             track_lose_first_frame: false,
+            track_lose_packets: Vec::new(),
+            track_lose_retransmissions: false,
+            track_keyframe_interval: DEFAULT_KEYFRAME_INTERVAL,
             track_stamp_frame_id: false,
             live_process_delay: Duration::ZERO,
             live_lose_first_frame: false,
@@ -322,6 +339,14 @@ pub struct SessionReport {
     /// Frames whose RTP was written, up to and including the marker-bit packet.
     pub track_frames_sent: u32,
     pub track_packets_sent: u32,
+    /// `track_lose_packets`: packets lost on the wire (first transmissions).
+    pub track_packets_lost: u32,
+    /// Retransmissions of the returned track's packets seen on the wire (RTX
+    /// or the same sequence number again), lost or not.
+    pub track_retransmissions: u32,
+    /// Keyframe requests (PLI, FIR) from the client for the returned track;
+    /// each makes the next frame a keyframe.
+    pub track_keyframe_requests: u32,
     /// Frames not handed to the encoder (`track_drop_every`).
     pub track_frames_dropped: u32,
     /// Encoder or write failures; the session goes on without that frame's RTP.
@@ -595,7 +620,13 @@ impl Shared {
         let sessions = self.sessions.lock().unwrap().clone();
         sessions
             .iter()
-            .map(|s| s.report.lock().unwrap().clone())
+            .map(|s| {
+                let mut report = s.report.lock().unwrap().clone();
+                if let Some(track) = &s.track {
+                    track.feedback.fill(&mut report);
+                }
+                report
+            })
             .collect()
     }
 
@@ -948,10 +979,13 @@ async fn open_session(
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
     let mut builder = PeerConnectionBuilder::new();
+    let feedback = Arc::new(TrackFeedback::new(&shared.config));
     if offered_video.is_some() || live.is_some() {
         // Sender reports and NACK handling for the video track, as aiortc has.
         let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
             .map_err(|e| format!("interceptors: {e}"))?;
+        // Keyframe requests for the returned track, as aiortc answers them.
+        registry = registry.with(Slot::from(13_500), KeyframeRequestCounter::new(feedback.clone()));
         if live.is_some() {
             // webrtc-rs hands inbound RTCP to the application only when an
             // interceptor marks it: this one marks the client's BYE.
@@ -962,11 +996,12 @@ async fn open_session(
     let goes_silent = shared
         .config
         .has(|f| matches!(f, Fault::GoSilentAfterFrames(_)));
-    if shared.config.upload_read_delay.is_some() || goes_silent {
+    if shared.config.upload_read_delay.is_some() || goes_silent || feedback.loss.is_some() {
         let delay = shared.config.upload_read_delay.unwrap_or_default();
         builder = builder.with_runtime(Arc::new(ThrottledRuntime::per_chunk(
             delay,
             shared.silenced.clone(),
+            feedback.clone(),
         )));
     }
     let peer = builder
@@ -993,7 +1028,7 @@ async fn open_session(
         let track = match &track_format {
             Some((codec, format)) => {
                 let origin = shared.config.track_rtp_origin.unwrap_or_else(random_u32);
-                Some(add_outgoing_track(&peer, *codec, format, origin).await?)
+                Some(add_outgoing_track(&peer, *codec, format, origin, feedback.clone()).await?)
             }
             None => {
                 // A live track is received even without a returned one:
@@ -2038,6 +2073,8 @@ fn stream_output_wanted(request: &Value) -> bool {
 /// The sender side of the returned track, fixed at answer time.
 struct OutgoingTrack {
     local: Arc<TrackLocalStaticRTP>,
+    /// Losses on the wire and keyframe requests.
+    feedback: Arc<TrackFeedback>,
     codec: TrackCodec,
     /// As negotiated: webrtc-rs refuses packets with another one.
     payload_type: u8,
@@ -2074,6 +2111,7 @@ async fn add_outgoing_track(
     codec: TrackCodec,
     format: &OfferedCodec,
     origin: u32,
+    feedback: Arc<TrackFeedback>,
 ) -> Result<OutgoingTrack, String> {
     let ssrc = random_u32();
     let rtp_codec = RTCRtpCodec {
@@ -2124,6 +2162,7 @@ async fn add_outgoing_track(
         .ok_or_else(|| format!("no negotiated payload type for {}", codec.mime_type()))?;
     Ok(OutgoingTrack {
         local,
+        feedback,
         codec,
         payload_type,
         ssrc,
@@ -2155,6 +2194,8 @@ async fn send_track_frame(
     }
     let (codec, payload_type) = (track.codec, track.payload_type);
     let stamp = config.track_stamp_frame_id.then(|| stamp_level(frame_id));
+    let keyframe_interval = config.track_keyframe_interval;
+    let force_keyframe = track.feedback.keyframe_wanted.swap(false, Ordering::Relaxed);
     let idle = encoder.take();
     // The encoder comes back only after a clean frame: after a failure the
     // next frame starts a fresh one (new sequence numbers, a keyframe).
@@ -2165,8 +2206,11 @@ async fn send_track_frame(
         };
         let mut encoder = match idle {
             Some(encoder) => encoder,
-            None => RtpEncoder::new(codec, payload_type)?,
+            None => RtpEncoder::with_keyframe_interval(codec, payload_type, keyframe_interval)?,
         };
+        if force_keyframe {
+            encoder.force_keyframe();
+        }
         let packets = encoder.encode(&image)?;
         Ok::<_, String>((encoder, packets))
     })
@@ -2417,16 +2461,19 @@ struct ThrottledRuntime {
     inner: TokioRuntime,
     time_per_byte: Duration,
     silenced: Arc<AtomicBool>,
+    feedback: Arc<TrackFeedback>,
 }
 
 impl ThrottledRuntime {
     /// One reference chunk (with its header) per `delay`; nothing at all
-    /// once `silenced` is set.
-    fn per_chunk(delay: Duration, silenced: Arc<AtomicBool>) -> ThrottledRuntime {
+    /// once `silenced` is set; the returned track's packets lost as
+    /// `feedback` says.
+    fn per_chunk(delay: Duration, silenced: Arc<AtomicBool>, feedback: Arc<TrackFeedback>) -> ThrottledRuntime {
         ThrottledRuntime {
             inner: TokioRuntime,
             time_per_byte: delay / (REFERENCE_CHUNK_SIZE + UPLOAD_HEADER_LEN) as u32,
             silenced,
+            feedback,
         }
     }
 }
@@ -2453,6 +2500,7 @@ impl Runtime for ThrottledRuntime {
             inner,
             time_per_byte: self.time_per_byte,
             silenced: self.silenced.clone(),
+            feedback: self.feedback.clone(),
             state: Mutex::new(ThrottleState::default()),
         }))
     }
@@ -2509,6 +2557,7 @@ struct ThrottledSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     time_per_byte: Duration,
     silenced: Arc<AtomicBool>,
+    feedback: Arc<TrackFeedback>,
     state: Mutex<ThrottleState>,
 }
 
@@ -2583,11 +2632,21 @@ impl AsyncUdpSocket for ThrottledSocket {
             // Lost on the way, as to a dead process.
             return Poll::Ready(Ok(transmit.contents.len()));
         }
+        if let Some(loss) = &self.feedback.loss
+            && loss.loses(transmit.contents)
+        {
+            return Poll::Ready(Ok(transmit.contents.len()));
+        }
         self.inner.poll_send(cx, transmit)
     }
 
     fn max_gso_segments(&self) -> usize {
-        self.inner.max_gso_segments()
+        // One datagram per send when packets are to be lost one by one.
+        if self.feedback.loss.is_some() {
+            1
+        } else {
+            self.inner.max_gso_segments()
+        }
     }
 
     fn poll_recv(
@@ -2647,6 +2706,137 @@ impl AsyncUdpSocket for ThrottledSocket {
             return Poll::Ready(Ok(1));
         }
     }
+}
+
+/// The returned track's feedback path: the packets lost on the wire
+/// (`track_lose_packets`), the retransmissions seen, the client's keyframe
+/// requests.
+#[derive(Debug)]
+struct TrackFeedback {
+    loss: Option<TrackLoss>,
+    keyframe_requests: std::sync::atomic::AtomicU32,
+    /// The next frame is encoded as a keyframe.
+    keyframe_wanted: AtomicBool,
+}
+
+impl TrackFeedback {
+    fn new(config: &WorkerConfig) -> TrackFeedback {
+        TrackFeedback {
+            loss: (!config.track_lose_packets.is_empty()).then(|| TrackLoss {
+                lose: config.track_lose_packets.clone(),
+                retransmissions_too: config.track_lose_retransmissions,
+                state: Mutex::new(TrackLossState::default()),
+            }),
+            keyframe_requests: Default::default(),
+            keyframe_wanted: AtomicBool::new(false),
+        }
+    }
+
+    fn fill(&self, report: &mut SessionReport) {
+        report.track_keyframe_requests = self.keyframe_requests.load(Ordering::Relaxed);
+        if let Some(loss) = &self.loss {
+            let state = loss.state.lock().unwrap();
+            report.track_packets_lost = state.lost;
+            report.track_retransmissions = state.retransmissions;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TrackLoss {
+    lose: Vec<u32>,
+    retransmissions_too: bool,
+    state: Mutex<TrackLossState>,
+}
+
+#[derive(Debug, Default)]
+struct TrackLossState {
+    /// The track's SSRC: the first RTP packet's; another is RTX.
+    media_ssrc: Option<u32>,
+    first_transmissions: u32,
+    sent: std::collections::HashSet<u16>,
+    lost: u32,
+    retransmissions: u32,
+}
+
+impl TrackLoss {
+    /// Whether this outgoing datagram is lost. Only RTP is (RFC 7983:
+    /// 128-191, and not RTCP's packet types 192-223 in the second byte);
+    /// SRTP leaves the header, so its SSRC and sequence number, in clear.
+    fn loses(&self, datagram: &[u8]) -> bool {
+        if datagram.len() < 12 || !(128..=191).contains(&datagram[0]) || (192..=223).contains(&datagram[1]) {
+            return false;
+        }
+        let sequence = u16::from_be_bytes([datagram[2], datagram[3]]);
+        let ssrc = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+        let mut state = self.state.lock().unwrap();
+        let media_ssrc = *state.media_ssrc.get_or_insert(ssrc);
+        if ssrc != media_ssrc || !state.sent.insert(sequence) {
+            state.retransmissions += 1;
+            return self.retransmissions_too;
+        }
+        state.first_transmissions += 1;
+        let lost = self.lose.contains(&state.first_transmissions);
+        state.lost += u32::from(lost);
+        lost
+    }
+}
+
+/// Counts the client's keyframe requests (PLI, FIR) and has the next frame
+/// encoded as a keyframe, as aiortc's sender does.
+struct KeyframeRequestCounter {
+    feedback: Arc<TrackFeedback>,
+    inbound: VecDeque<TaggedPacket>,
+    outbound: VecDeque<TaggedPacket>,
+}
+
+impl KeyframeRequestCounter {
+    fn new(feedback: Arc<TrackFeedback>) -> KeyframeRequestCounter {
+        KeyframeRequestCounter { feedback, inbound: VecDeque::new(), outbound: VecDeque::new() }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestCounter {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let ChainPacket::Rtcp(packets) = &msg.message.packet {
+            let requests = packets
+                .iter()
+                .filter(|packet| packet.as_any().is::<PictureLossIndication>() || packet.as_any().is::<FullIntraRequest>())
+                .count() as u32;
+            if requests > 0 {
+                self.feedback.keyframe_requests.fetch_add(requests, Ordering::Relaxed);
+                self.feedback.keyframe_wanted.store(true, Ordering::Relaxed);
+            }
+        }
+        self.inbound.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.inbound.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.outbound.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.outbound.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequestCounter {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 /// RFC 7983 demultiplexing: 20-63 is DTLS (everything but STUN, 0-3, here).
