@@ -399,9 +399,11 @@ impl RtpEncoder {
         })
     }
 
-    /// Makes the next frame a keyframe (a PLI or FIR asked for one).
+    /// Makes the next frame a keyframe (a PLI or FIR asked for one). Without
+    /// all-headers: x264enc then sends its SPS/PPS ahead of the frame with a
+    /// marker bit of their own, which `encode` would take for the frame's end.
     pub fn force_keyframe(&mut self) {
-        let event = gst_video::DownstreamForceKeyUnitEvent::builder().all_headers(true).build();
+        let event = gst_video::DownstreamForceKeyUnitEvent::builder().all_headers(false).build();
         self.source.send_event(event);
     }
 
