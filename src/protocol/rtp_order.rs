@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_LOSS_WAIT: Duration = Duration::from_millis(150);
 
 /// Packets held behind a gap at most; past this the gap is given up at once
-/// (a burst this long is a keyframe's worth and will not be repaired).
+/// (a burst this long is a keyframe's worth and will not be repaired). A
+/// packet further than this from the newest one starts a new sequence (the
+/// sender's encoder restarted): nothing is waited for or counted lost.
 pub const MAX_HELD: usize = 1024;
 
 #[derive(Debug)]
@@ -64,6 +66,13 @@ impl<P> RtpOrder<P> {
             self.late += 1;
             return;
         };
+        if extended.abs_diff(newest) > MAX_HELD as u64 {
+            // Far from the newest packet, either way: the sender started a
+            // new sequence (an encoder restarted), not a loss. What is held
+            // goes on and the order starts again here.
+            self.restart(extended, packet);
+            return;
+        }
         if extended < next || self.held.contains_key(&extended) {
             self.late += 1;
             return;
@@ -98,6 +107,13 @@ impl<P> RtpOrder<P> {
         while !self.held.is_empty() {
             self.give_up_first_gap();
         }
+    }
+
+    fn restart(&mut self, extended: u64, packet: P) {
+        let held = std::mem::take(&mut self.held);
+        self.ready.extend(held.into_values().map(|(packet, _)| packet));
+        self.ready.push_back(packet);
+        self.next = Some(extended + 1);
     }
 
     fn give_up_first_gap(&mut self) {
@@ -200,6 +216,23 @@ mod tests {
         order.push(2, 2, start);
         assert_eq!(drain(&mut order, start), vec![1, 2, 3]);
         assert_eq!(order.late(), 2);
+    }
+
+    #[test]
+    fn a_jump_to_another_sequence_restarts_the_order_instead_of_waiting() {
+        let start = Instant::now();
+        let mut order = RtpOrder::new(WAIT);
+        order.push(100, 100, start);
+        order.push(102, 102, start);
+        // Backwards, far: a new sequence, not 30 000 late packets.
+        order.push(40_000, 40_000, start);
+        order.push(40_001, 40_001, start);
+        // Forwards, far.
+        order.push(60_000, 60_000, start);
+        order.push(60_001, 60_001, start);
+        assert_eq!(drain(&mut order, start), vec![100, 102, 40_000, 40_001, 60_000, 60_001]);
+        assert_eq!((order.lost(), order.late()), (0, 0));
+        assert_eq!(order.next_deadline(), None);
     }
 
     #[test]
