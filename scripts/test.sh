@@ -96,6 +96,14 @@ if [ -n "$servers_started" ]; then
         exit 1
     fi
 fi
+# The lossy-network test loses loopback UDP with an iptables rule (root).
+skip=()
+if iptables -I INPUT -i lo -p udp --dport 9 -m comment --comment gst-roboflow-probe -j DROP 2>/dev/null; then
+    iptables -D INPUT -i lo -p udp --dport 9 -m comment --comment gst-roboflow-probe -j DROP
+else
+    echo "== SKIPPED: a_lossy_network_is_repaired_and_every_frame_is_accounted_for (iptables cannot add a rule here: needs root and iptables)"
+    skip=(--skip a_lossy_network_is_repaired_and_every_frame_is_accounted_for)
+fi
 # One job at a time: the server runs a worker process per session.
-cargo test --locked --test real_server --test real_cameras --test real_detections --no-fail-fast -- --ignored --test-threads=1 || status=$?
+cargo test --locked --test real_server --test real_cameras --test real_detections --no-fail-fast -- --ignored --test-threads=1 "${skip[@]}" || status=$?
 exit "$status"

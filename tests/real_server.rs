@@ -575,3 +575,73 @@ fn live_video_null_mid_stream_returns_within_a_second() {
     pipeline.set_state(gst::State::Null).unwrap();
     assert!(started.elapsed() < Duration::from_secs(1), "NULL took {:?}", started.elapsed());
 }
+
+/// Loses `probability` of the UDP datagrams on loopback (both ways: the
+/// returned track, its retransmissions, the NACKs and PLIs, DTLS and SCTP)
+/// with an iptables rule, removed on drop. Needs root and iptables;
+/// scripts/test.sh skips the test that uses it, saying so, when the rule
+/// cannot be added.
+struct UdpLoss {
+    rule: Vec<String>,
+}
+
+impl UdpLoss {
+    fn start(probability: f64) -> UdpLoss {
+        let rule: Vec<String> = format!(
+            "INPUT -i lo -p udp -m statistic --mode random --probability {probability} -m comment --comment gst-roboflow-test-loss -j DROP"
+        )
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+        let added = std::process::Command::new("iptables").arg("-I").args(&rule).status();
+        assert!(
+            added.as_ref().is_ok_and(|status| status.success()),
+            "iptables could not add the loss rule (needs root and iptables): {added:?}"
+        );
+        UdpLoss { rule }
+    }
+
+    /// Datagrams the rule dropped so far.
+    fn dropped(&self) -> u64 {
+        let listing = std::process::Command::new("iptables").args(["-L", "INPUT", "-v", "-x", "-n"]).output().unwrap();
+        String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .find(|line| line.contains("gst-roboflow-test-loss"))
+            .and_then(|line| line.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for UdpLoss {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables").arg("-D").args(&self.rule).status();
+    }
+}
+
+/// The returned track over a network that loses 3 % of its datagrams: the
+/// server (aiortc) resends what the source NACKs, the source puts it back in
+/// place, and a packet lost for good costs the frames up to the keyframe the
+/// source asks for. No frame is made up of stray packets (before, 5 % loss
+/// turned 300 frames into 770 buffers, 494 of them without a result).
+#[test]
+#[ignore = "needs the real server, root and iptables: run scripts/test.sh"]
+fn a_lossy_network_is_repaired_and_every_frame_is_accounted_for() {
+    let loss = UdpLoss::start(0.03);
+    let job = returned_frames("track", 300);
+    let dropped = loss.dropped();
+    drop(loss);
+    let stats = &job.source_stats;
+    let count = |name: &str| stats.get::<u64>(name).unwrap();
+    eprintln!("3 % loss: {dropped} datagrams dropped on loopback; {stats}");
+    assert!(dropped > 0, "the rule dropped nothing: no loss was tested");
+    assert_eq!(count("frames-received"), 300, "every result arrives (the data channel is reliable): {stats}");
+    let pushed = count("frames-pushed");
+    assert_eq!(job.frames.len() as u64, pushed);
+    assert!(pushed <= 300, "no frame made up of stray packets: {pushed} frames out of 300: {stats}");
+    assert!(pushed >= 285, "{pushed} of 300 frames decoded (< 95 %): {stats}");
+    if count("track-packets-lost") > 0 {
+        assert!(count("keyframe-requests") > 0, "a packet lost for good asks for a keyframe: {stats}");
+    }
+    let ids: Vec<u64> = job.frames.iter().filter_map(|frame| frame.frame_id).collect();
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "frames in order, each once: {ids:?}");
+}
