@@ -123,6 +123,11 @@ impl LossNacks {
         }
     }
 
+    /// The earliest NACK due over all streams (None: nothing missing).
+    fn refresh_timeout(&mut self) {
+        self.next_timeout = self.streams.values().filter_map(Stream::next_nack).min();
+    }
+
     fn on_rtp(&mut self, packet: &rtc::rtp::Packet, now: Instant) {
         let ssrc = packet.header.ssrc;
         let (media, sequence) = match self.repairs.get(&ssrc) {
@@ -136,7 +141,7 @@ impl LossNacks {
         };
         if let Some(stream) = self.streams.get_mut(&media) {
             stream.on_sequence(sequence, now);
-            self.next_timeout = self.streams.values().filter_map(Stream::next_nack).min();
+            self.refresh_timeout();
         }
     }
 }
@@ -189,7 +194,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for LossNacks {
                 message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(nack)])),
             });
         }
-        self.next_timeout = self.streams.values().filter_map(Stream::next_nack).min();
+        self.refresh_timeout();
         Ok(())
     }
 
@@ -228,7 +233,7 @@ impl Interceptor for LossNacks {
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
         self.streams.remove(&info.ssrc);
         self.repairs.retain(|_, media| *media != info.ssrc);
-        self.next_timeout = self.streams.values().filter_map(Stream::next_nack).min();
+        self.refresh_timeout();
     }
 
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
