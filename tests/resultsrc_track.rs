@@ -245,27 +245,37 @@ fn lost_packets_are_resent_on_nack_and_every_frame_decodes() {
 /// drops the broken frames rather than showing them corrupted, asks for a
 /// keyframe (PLI), and decodes again from it. The dropped frames' results
 /// still arrive, and the statistics say what happened.
-#[test]
-fn a_packet_lost_for_good_drops_frames_until_the_keyframe_the_source_asks_for() {
+/// One packet of the returned track is lost for good (its retransmissions
+/// too) and the worker, like aiortc, makes no keyframe unless asked
+/// (`ignored`: how many requests bring none). The frames from the loss to
+/// the requested keyframe are dropped, every other one decodes and pairs,
+/// and every result is posted. Returns the keyframe requests sent.
+fn lost_for_good(codec: TrackCodec, ignored: u32, session: &str) -> u64 {
     init();
     let dir = tempfile::tempdir().unwrap();
-    let frames = 60;
+    let frames = 90;
     let clip = make_clip(&dir.path().join("clip.mp4"), frames, 320, 240);
     let worker = TestWorker::start(WorkerConfig {
+        track_codec: codec,
         track_lose_packets: vec![40],
         track_lose_retransmissions: true,
         // No keyframe but the first and the ones asked for, as aiortc.
         track_keyframe_interval: 10_000,
+        track_ignore_keyframe_requests: ignored,
+        // About 30 fps, so that a repeated request (after 500 ms) comes
+        // while frames are still being sent.
+        track_frame_gap: Duration::from_millis(30),
         ..Default::default()
     });
-    let (received, outcome) = track_job(&clip, &worker, "track-pli");
+    let (received, outcome) = track_job(&clip, &worker, session);
     assert!(outcome.eos, "{:?}", outcome.error);
     assert_eq!(outcome.named("roboflow-inference").len(), frames as usize, "every result still arrives");
     let summary = outcome.named("roboflow-result-summary")[0];
     assert_eq!(summary.get::<u64>("track-packets-lost").unwrap(), 1, "{summary:?}");
-    assert!(summary.get::<u64>("keyframe-requests").unwrap() >= 1, "{summary:?}");
+    let requests = summary.get::<u64>("keyframe-requests").unwrap();
+    assert!(requests > u64::from(ignored), "{summary:?}");
     let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
-    assert!(report.track_keyframe_requests >= 1, "the worker got the PLI");
+    assert_eq!(u64::from(report.track_keyframe_requests), requests, "the worker got every request");
     let received = received.lock().unwrap();
     let ids: Vec<u64> = received.frame_ids.iter().map(|id| id.expect("every decoded frame pairs")).collect();
     // Decoded: the frames before the loss, then from the keyframe on, to the end.
@@ -274,4 +284,25 @@ fn a_packet_lost_for_good_drops_frames_until_the_keyframe_the_source_asks_for() 
     assert!(ids[resumed + 1..].iter().copied().eq(ids[resumed + 1]..=frames as u64), "every frame from the keyframe to the end: {ids:?}");
     assert_eq!(summary.get::<u64>("frames-pushed").unwrap(), ids.len() as u64);
     assert_eq!(summary.get::<u64>("frames-unpaired").unwrap(), 0);
+    eprintln!("{session}: {requests} keyframe requests; frames {} to {} dropped", ids[resumed] + 1, ids[resumed + 1] - 1);
+    requests
+}
+
+#[test]
+fn a_packet_lost_for_good_drops_frames_until_the_keyframe_the_source_asks_for() {
+    assert_eq!(lost_for_good(TrackCodec::Vp8, 0, "track-pli"), 1, "one request, answered");
+}
+
+#[test]
+fn h264_a_packet_lost_for_good_drops_frames_until_the_keyframe_the_source_asks_for() {
+    // rtph264depay also asks for a keyframe at its first packet: one more.
+    let requests = lost_for_good(TrackCodec::H264, 0, "track-pli-h264");
+    assert!((1..=2).contains(&requests), "{requests}");
+}
+
+#[test]
+fn a_keyframe_request_that_brings_no_keyframe_is_repeated() {
+    // The first request brings nothing (lost, or its keyframe lost): the
+    // session asks again 500 ms later, and the picture comes back.
+    assert_eq!(lost_for_good(TrackCodec::Vp8, 1, "track-pli-again"), 2, "the request, then one repeat");
 }

@@ -8,6 +8,7 @@ pub mod error_body;
 pub mod frame;
 pub mod initialise;
 pub mod keepalive;
+pub mod keyframe;
 pub mod live;
 pub mod results;
 pub mod rtp_order;

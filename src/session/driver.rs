@@ -31,6 +31,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::config::{CameraKind, SessionConfig};
+use crate::protocol::keyframe::{self, KeyframeAction, KeyframeRequests, MAX_KEYFRAME_REQUESTS, TrackCodec};
 use crate::protocol::live::LiveCodec;
 use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
 use crate::runtime::SessionRuntime;
@@ -697,51 +698,71 @@ impl Shared {
         let session = self.clone();
         self.spawn(async move {
             let mut packets = 0u64;
-            let mut codec_sent = false;
+            let mut codec = None;
             let mut media_ssrc = None;
+            let mut keyframes = KeyframeRequests::default();
             loop {
-                let event = tokio::select! {
-                    event = track.poll() => event,
-                    _ = session.keyframe_wanted.notified() => {
-                        if let Some(media_ssrc) = media_ssrc {
-                            session.send_picture_loss(&track, media_ssrc).await;
-                        }
-                        continue;
+                let retry = keyframes.deadline();
+                let late = async move {
+                    match retry {
+                        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                        None => std::future::pending().await,
                     }
                 };
-                let Some(event) = event else { break };
-                match event {
-                    TrackRemoteEvent::OnRtpPacket(packet) => {
-                        packets += 1;
-                        media_ssrc = Some(packet.header.ssrc);
-                        if !codec_sent {
-                            codec_sent = true;
-                            let codec = track.codec(packet.header.ssrc).await;
-                            let (mime_type, clock_rate) =
-                                codec.map(|c| (c.mime_type, c.clock_rate)).unwrap_or_else(|| (String::new(), 90_000));
-                            gst::info!(
-                                CAT,
-                                "session {}: returned track carries {mime_type} (payload type {})",
-                                session.name,
-                                packet.header.payload_type
-                            );
-                            session.deliver_track(TrackItem::Codec {
-                                mime_type,
-                                clock_rate,
-                                payload_type: packet.header.payload_type,
-                            });
-                        }
-                        match packet.marshal() {
-                            Ok(bytes) => session.deliver_track(TrackItem::Packet(bytes.freeze())),
-                            Err(err) => gst::warning!(CAT, "session {}: cannot serialize an RTP packet: {err}", session.name),
+                let action = tokio::select! {
+                    event = track.poll() => {
+                        let Some(event) = event else { break };
+                        match event {
+                            TrackRemoteEvent::OnRtpPacket(packet) => {
+                                packets += 1;
+                                media_ssrc = Some(packet.header.ssrc);
+                                let codec = match codec {
+                                    Some(codec) => codec,
+                                    None => *codec.insert(session.announce_track_codec(&track, &packet.header).await),
+                                };
+                                if keyframes.awaiting() && keyframe::starts_keyframe(codec, &packet.payload) {
+                                    gst::debug!(CAT, "session {}: the keyframe asked for arrived", session.name);
+                                    keyframes.on_keyframe();
+                                }
+                                match packet.marshal() {
+                                    Ok(bytes) => session.deliver_track(TrackItem::Packet(bytes.freeze())),
+                                    Err(err) => gst::warning!(CAT, "session {}: cannot serialize an RTP packet: {err}", session.name),
+                                }
+                                KeyframeAction::Wait
+                            }
+                            TrackRemoteEvent::OnEnded => break,
+                            _ => KeyframeAction::Wait,
                         }
                     }
-                    TrackRemoteEvent::OnEnded => break,
-                    _ => {}
+                    _ = session.keyframe_wanted.notified() => keyframes.on_request(Instant::now()),
+                    _ = late => keyframes.on_timeout(Instant::now()),
+                };
+                match (action, media_ssrc) {
+                    (KeyframeAction::Request, Some(media_ssrc)) => session.send_picture_loss(&track, media_ssrc).await,
+                    // Nothing received yet: nothing to ask a keyframe of.
+                    (KeyframeAction::Request, None) => keyframes.on_keyframe(),
+                    (KeyframeAction::GiveUp, _) => gst::warning!(
+                        CAT,
+                        "session {}: the server sent no keyframe of the returned track after {MAX_KEYFRAME_REQUESTS} requests; \
+                         its frames stay dropped until one comes",
+                        session.name
+                    ),
+                    (KeyframeAction::Wait, _) => {}
                 }
             }
             gst::debug!(CAT, "session {}: returned track ended after {packets} RTP packets", session.name);
         });
+    }
+
+    /// Hands the frame source the returned track's codec (before its first
+    /// packet) and returns it.
+    async fn announce_track_codec(&self, track: &Arc<dyn TrackRemote>, header: &rtc::rtp::header::Header) -> TrackCodec {
+        let codec = track.codec(header.ssrc).await;
+        let (mime_type, clock_rate) = codec.map(|c| (c.mime_type, c.clock_rate)).unwrap_or_else(|| (String::new(), 90_000));
+        gst::info!(CAT, "session {}: returned track carries {mime_type} (payload type {})", self.name, header.payload_type);
+        let kind = TrackCodec::from_mime_type(&mime_type);
+        self.deliver_track(TrackItem::Codec { mime_type, clock_rate, payload_type: header.payload_type });
+        kind
     }
 
     /// Asks the server for a keyframe of the returned track (RFC 4585 PLI):

@@ -181,6 +181,9 @@ pub struct WorkerConfig {
     pub track_lose_retransmissions: bool,
     /// Track transport: frames between the encoder's own keyframes (30).
     pub track_keyframe_interval: u32,
+    /// Track transport: the first N keyframe requests (PLI, FIR) are counted
+    /// but bring no keyframe, as if each request or its keyframe were lost.
+    pub track_ignore_keyframe_requests: u32,
     /// Track transport: paints the top [`STAMP_ROWS`] rows of each returned
     /// image with [`stamp_level`] of its frame id, so a test can tell which
     /// frame a decoded picture is, whatever the plugin paired it with.
@@ -236,6 +239,7 @@ impl Default for WorkerConfig {
             track_lose_packets: Vec::new(),
             track_lose_retransmissions: false,
             track_keyframe_interval: DEFAULT_KEYFRAME_INTERVAL,
+            track_ignore_keyframe_requests: 0,
             track_stamp_frame_id: false,
             live_process_delay: Duration::ZERO,
             live_lose_first_frame: false,
@@ -2715,6 +2719,8 @@ impl AsyncUdpSocket for ThrottledSocket {
 struct TrackFeedback {
     loss: Option<TrackLoss>,
     keyframe_requests: std::sync::atomic::AtomicU32,
+    /// Requests answered with no keyframe (`track_ignore_keyframe_requests`).
+    ignore_keyframe_requests: u32,
     /// The next frame is encoded as a keyframe.
     keyframe_wanted: AtomicBool,
 }
@@ -2728,6 +2734,7 @@ impl TrackFeedback {
                 state: Mutex::new(TrackLossState::default()),
             }),
             keyframe_requests: Default::default(),
+            ignore_keyframe_requests: config.track_ignore_keyframe_requests,
             keyframe_wanted: AtomicBool::new(false),
         }
     }
@@ -2810,8 +2817,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestCounter {
                 .filter(|packet| packet.as_any().is::<PictureLossIndication>() || packet.as_any().is::<FullIntraRequest>())
                 .count() as u32;
             if requests > 0 {
-                self.feedback.keyframe_requests.fetch_add(requests, Ordering::Relaxed);
-                self.feedback.keyframe_wanted.store(true, Ordering::Relaxed);
+                let before = self.feedback.keyframe_requests.fetch_add(requests, Ordering::Relaxed);
+                if before + requests > self.feedback.ignore_keyframe_requests {
+                    self.feedback.keyframe_wanted.store(true, Ordering::Relaxed);
+                }
             }
         }
         self.inbound.push_back(msg);
