@@ -37,6 +37,7 @@ use crate::protocol::upload::{KEEPALIVE_MESSAGE, UPLOAD_HEADER_LEN};
 use crate::runtime::SessionRuntime;
 use crate::signalling;
 
+use super::early_checks::{EarlyCheckRuntime, EarlyChecks};
 use super::core::{Input, Output, PeerState, ResultEvent, SessionCore, SessionStats, State};
 use super::error::SessionError;
 
@@ -70,7 +71,16 @@ const LIVE_PAYLOAD_TYPE: u8 = 96;
 /// thread, so a slow Workflow does not look dead.
 pub const ICE_DISCONNECTED_AFTER: Duration = Duration::from_secs(5);
 const ICE_FAILED_AFTER: Duration = Duration::from_secs(4);
-const ICE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const ICE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// The pace of connectivity checks while connecting: RFC 8445's Ta, 50 ms.
+/// At webrtc-rs's 200 ms the nomination waited for the next tick, 200 ms
+/// after the first check had succeeded, while a camera the server already
+/// reads filled the server's queue (PROTOCOL.md §11). Connected, the agent
+/// ticks at 200 ms whatever this is.
+const ICE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// Checks per candidate pair before it fails: 1.4 s, as webrtc-rs's
+/// default (7 at 200 ms).
+const ICE_MAX_BINDING_REQUESTS: u16 = 28;
 
 /// What the returned video track delivers to a result source.
 #[derive(Debug, Clone)]
@@ -426,7 +436,8 @@ impl Shared {
         // building the connection fail on hosts without multicast.
         let mut settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-            .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), Some(ICE_CHECK_INTERVAL));
+            .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), Some(ICE_KEEPALIVE_INTERVAL))
+            .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(ICE_MAX_BINDING_REQUESTS));
         if let Some(mtu) = config.sctp_mtu {
             settings = settings.with_sctp_mtu(mtu);
         }
@@ -446,7 +457,9 @@ impl Shared {
         let largest_message = config.chunk_size + UPLOAD_HEADER_LEN;
         let send_limit = (config.buffer_limit - largest_message + 1).max(1);
         let bind = config.udp_bind_address.to_string();
+        let early_checks = Arc::new(EarlyChecks::default());
         let peer = PeerConnectionBuilder::new()
+            .with_runtime(Arc::new(EarlyCheckRuntime::new(early_checks.clone())))
             .with_configuration(RTCConfigurationBuilder::new().with_ice_servers(ice_servers).build())
             .with_media_engine(media)
             .with_setting_engine(settings.build())
@@ -521,6 +534,7 @@ impl Shared {
         peer.set_remote_description(answer)
             .await
             .map_err(|err| SessionError::AnswerRefused(err.to_string()))?;
+        early_checks.answer_applied();
 
         self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the inference channel");
         let _ = self.unless_closed(control_open.wait_for(|open| *open)).await?;

@@ -9,6 +9,7 @@
 
 pub mod core;
 mod driver;
+mod early_checks;
 pub mod endpoints;
 pub mod error;
 pub mod registry;
