@@ -109,15 +109,14 @@ fn rtsp_camera(transport: &str) {
         stat(&summary, "results-missed"),
         share * 100.0
     );
-    // The server's first processing is slow (its Workflow warms up, the
-    // returned track's encoder starts): in realtime mode it replaces the
-    // frames that arrive meanwhile. When a result comes before that (here
-    // 2 runs in 7: frame 2 first, then 3-5 replaced), up to 4 frames go
-    // right after the first result: the start loss README documents. From
-    // the first second after the first result on, 99 % must come back.
+    // Issue #10's goal: 99 % of the frames from the first result on. The
+    // server keeps at most 30 camera frames queued and drops the oldest;
+    // while the session connected in 0.5 s (an early ICE check dropped),
+    // up to 7 went right after the first result. Connected in about 50 ms,
+    // none does (here 99.6-99.7 %); the steady state is checked apart.
     let steady_from = first + 15;
     let steady = indices.iter().filter(|index| **index >= steady_from).count() as f64 / (frames - steady_from) as f64;
-    assert!(share >= 0.98, "{} of the {after_first} frames from the first result on: {indices:?}", indices.len());
+    assert!(share >= 0.99, "{} of the {after_first} frames from the first result on: {indices:?}", indices.len());
     assert!(steady >= 0.99, "{:.1} % of the frames from {steady_from} on: {indices:?}", steady * 100.0);
     let after_end = after_end.expect("the camera finished and EOS came");
     assert!(after_end < Duration::from_secs(5), "EOS {after_end:?} after the camera's last frame");
