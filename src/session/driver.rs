@@ -72,6 +72,10 @@ const LIVE_PAYLOAD_TYPE: u8 = 96;
 pub const ICE_DISCONNECTED_AFTER: Duration = Duration::from_secs(5);
 const ICE_FAILED_AFTER: Duration = Duration::from_secs(4);
 const ICE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// While the inference channel waits to open after the transport is up:
+/// a write wake-up every 2 ms, at most 50 (see `establish`).
+const OPEN_NUDGE_INTERVAL: Duration = Duration::from_millis(2);
+const OPEN_NUDGES: u32 = 50;
 /// The pace of connectivity checks while connecting: RFC 8445's Ta, 50 ms.
 /// At webrtc-rs's 200 ms the nomination waited for the next tick, 200 ms
 /// after the first check had succeeded, while a camera the server already
@@ -130,6 +134,8 @@ pub(crate) struct Shared {
     /// The returned track: the result source asks the server for a keyframe
     /// (its depayloader met a loss); sent as a PLI.
     keyframe_wanted: Notify,
+    /// The peer connection is connected (ICE and DTLS up).
+    transport_up: Notify,
     /// PLIs sent for the returned track.
     keyframe_requests_sent: AtomicU64,
     /// Chunks to the upload task, once the upload channel is open.
@@ -182,6 +188,7 @@ impl Shared {
             track_packets_dropped: AtomicU64::new(0),
             keyframe_requested: AtomicBool::new(false),
             keyframe_wanted: Notify::new(),
+            transport_up: Notify::new(),
             keyframe_requests_sent: AtomicU64::new(0),
             upload_tx: Mutex::new(None),
             track_out_tx: Mutex::new(None),
@@ -488,7 +495,7 @@ impl Shared {
             .create_data_channel(CONTROL_CHANNEL, Some(reliable.clone()))
             .await
             .map_err(|err| setup("creating the inference data channel failed", err))?;
-        let (control_open_tx, mut control_open) = watch::channel(false);
+        let (control_open_tx, control_open) = watch::channel(false);
         {
             let session = self.clone();
             let channel = control.clone();
@@ -537,7 +544,33 @@ impl Shared {
         early_checks.answer_applied();
 
         self.set_stage("connecting to the server (ICE, DTLS, SCTP) and opening the inference channel");
-        let _ = self.unless_closed(control_open.wait_for(|open| *open)).await?;
+        // webrtc-rs 0.21.1 queues the channel's DCEP OPEN when the SCTP
+        // association comes up, but sends it only at its driver's next
+        // wake-up: about 40 ms later on loopback (the next datagram), while
+        // the server, connected, already processes frame 1 and drops its
+        // result. A write wake-up right after the transport is up flushes it
+        // (the channel then opened 2.5 ms after, frame 1's result arrived).
+        let opened = async {
+            let open = |watch: &watch::Receiver<bool>| {
+                let mut watch = watch.clone();
+                async move { watch.wait_for(|open| *open).await.map(|_| ()) }
+            };
+            tokio::select! {
+                _ = open(&control_open) => return,
+                _ = self.transport_up.notified() => {}
+            }
+            for _ in 0..OPEN_NUDGES {
+                tokio::select! {
+                    _ = open(&control_open) => return,
+                    _ = tokio::time::sleep(OPEN_NUDGE_INTERVAL) => {
+                        // Changes nothing but wakes the driver's writes.
+                        let _ = control.set_buffered_amount_low_threshold(0).await;
+                    }
+                }
+            }
+            let _ = open(&control_open).await;
+        };
+        self.unless_closed(opened).await?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         {
             let session = self.clone();
@@ -940,7 +973,10 @@ impl PeerConnectionEventHandler for Handler {
         let Some(session) = self.session.upgrade() else { return };
         gst::debug!(CAT, "session {}: peer connection {state}", session.name);
         let state = match state {
-            RTCPeerConnectionState::Connected => PeerState::Connected,
+            RTCPeerConnectionState::Connected => {
+                session.transport_up.notify_one();
+                PeerState::Connected
+            }
             RTCPeerConnectionState::Disconnected => PeerState::Disconnected,
             RTCPeerConnectionState::Failed => PeerState::Failed,
             RTCPeerConnectionState::Closed if !session.is_closed() => PeerState::Closed,
