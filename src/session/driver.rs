@@ -72,10 +72,6 @@ const LIVE_PAYLOAD_TYPE: u8 = 96;
 pub const ICE_DISCONNECTED_AFTER: Duration = Duration::from_secs(5);
 const ICE_FAILED_AFTER: Duration = Duration::from_secs(4);
 const ICE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// While the inference channel waits to open after the transport is up:
-/// a write wake-up every 2 ms, at most 50 (see `establish`).
-const OPEN_NUDGE_INTERVAL: Duration = Duration::from_millis(2);
-const OPEN_NUDGES: u32 = 50;
 /// The pace of connectivity checks while connecting: RFC 8445's Ta, 50 ms.
 /// At webrtc-rs's 200 ms the nomination waited for the next tick, 200 ms
 /// after the first check had succeeded, while a camera the server already
@@ -85,6 +81,10 @@ const ICE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// Checks per candidate pair before it fails: 1.4 s, as webrtc-rs's
 /// default (7 at 200 ms).
 const ICE_MAX_BINDING_REQUESTS: u16 = 28;
+/// While the inference channel waits to open after the transport is up:
+/// a write wake-up every 2 ms, at most 50 (see `establish`).
+const OPEN_NUDGE_INTERVAL: Duration = Duration::from_millis(2);
+const OPEN_NUDGES: u32 = 50;
 
 /// What the returned video track delivers to a result source.
 #[derive(Debug, Clone)]
@@ -549,7 +549,7 @@ impl Shared {
         // wake-up: about 40 ms later on loopback (the next datagram), while
         // the server, connected, already processes frame 1 and drops its
         // result. A write wake-up right after the transport is up flushes it
-        // (the channel then opened 2.5 ms after, frame 1's result arrived).
+        // (the channel then opened 2.5-9 ms after, frame 1's result arrived).
         let opened = async {
             let open = |watch: &watch::Receiver<bool>| {
                 let mut watch = watch.clone();
