@@ -19,6 +19,7 @@ use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub fn is_binding_request(datagram: &[u8]) -> bool {
 #[derive(Debug, Default)]
 pub struct EarlyChecks {
     state: Mutex<HeldChecks>,
+    /// The answer is applied and every held check handed over: from then
+    /// on the socket reads as if it were not wrapped (no lock per datagram).
+    settled: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -58,11 +62,15 @@ impl EarlyChecks {
     pub fn answer_applied(&self) {
         let mut state = self.state.lock().unwrap();
         state.answer_applied = true;
-        if !state.held.is_empty()
-            && let Some(reader) = state.reader.take()
-        {
+        if state.held.is_empty() {
+            self.settled.store(true, Ordering::Release);
+        } else if let Some(reader) = state.reader.take() {
             reader.wake();
         }
+    }
+
+    fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
     }
 
     /// Keeps the Binding requests among `received` (the datagrams of one
@@ -89,6 +97,9 @@ impl EarlyChecks {
             return None;
         }
         let (datagram, mut meta) = state.held.pop_front()?;
+        if state.held.is_empty() {
+            self.settled.store(true, Ordering::Release);
+        }
         let len = datagram.len().min(buf.len());
         buf[..len].copy_from_slice(&datagram[..len]);
         (meta.len, meta.stride) = (len, len);
@@ -190,6 +201,9 @@ impl AsyncUdpSocket for EarlyCheckSocket {
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+        if self.checks.settled() {
+            return self.inner.poll_recv(cx, bufs, meta);
+        }
         if let (Some(buf), Some(slot)) = (bufs.first_mut(), meta.first_mut())
             && let Some(held) = self.checks.take(buf)
         {
@@ -235,6 +249,7 @@ mod tests {
     #[test]
     fn checks_before_the_answer_are_handed_over_after_it() {
         let checks = EarlyChecks::default();
+        assert!(!checks.settled());
         let mut other = REQUEST;
         other[0] = 0x80; // RTP-like: not kept
         let mut received = REQUEST.to_vec();
@@ -248,6 +263,7 @@ mod tests {
         assert_eq!((handed.len, handed.stride), (20, 20));
         assert_eq!(&buf[..20], &REQUEST);
         assert!(checks.take(&mut buf).is_none(), "only once");
+        assert!(checks.settled(), "nothing held any more: the socket reads straight through");
         // After the answer, nothing more is kept.
         checks.keep(&REQUEST, &meta(20, 20));
         assert!(checks.take(&mut buf).is_none());
@@ -255,7 +271,6 @@ mod tests {
 
     #[test]
     fn the_reader_is_woken_when_the_answer_is_applied() {
-        use std::sync::atomic::{AtomicBool, Ordering};
         use std::task::Wake;
         struct Flag(AtomicBool);
         impl Wake for Flag {
