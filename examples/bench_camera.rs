@@ -12,12 +12,14 @@
 //! ```
 //!
 //! The pipeline: `roboflowresultsrc source-url=... video-transport=track
-//! ! fakesink`. The application's share of the work is what the SDK
+//! ! fakesink` (`--sink fakevideosink`: a sink that accepts GstVideoMeta,
+//! as display sinks, videoconvert and encoders do, so that vp8dec hands on
+//! libvpx's frame without copying it). The application's share of the work is what the SDK
 //! script's `on_data` handler does: for every `roboflow-inference` message
 //! it parses the result's JSON and keeps the data output's value and the
 //! frame's pts. Nothing is printed per result (`gst-launch-1.0 -m`, the
 //! other way to run the benchmark, prints every message in full). The
-//! decoded frames reach fakesink, as the SDK's reach its `on_frame`.
+//! decoded frames reach the sink, as the SDK's reach its `on_frame`.
 //!
 //! At the end it writes `--results-file` (a JSON list of
 //! `{"rgb": ..., "pts_seconds": ...}` in arrival order) and prints one JSON
@@ -37,12 +39,13 @@ struct Options {
     realtime: bool,
     results_file: Option<String>,
     timeout: Duration,
+    sink: String,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_camera --source-url URL --api-url URL --workflow-spec-file FILE --data-output NAME \
-         --stream-output NAME [--realtime 0|1] [--results-file FILE] [--timeout SECONDS]"
+         --stream-output NAME [--realtime 0|1] [--results-file FILE] [--timeout SECONDS] [--sink ELEMENT]"
     );
     std::process::exit(2);
 }
@@ -57,6 +60,7 @@ fn parse_options() -> Options {
         realtime: true,
         results_file: None,
         timeout: Duration::from_secs(600),
+        sink: "fakesink".to_owned(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -69,6 +73,7 @@ fn parse_options() -> Options {
             "--stream-output" => options.stream_output = value,
             "--realtime" => options.realtime = value == "1" || value == "true",
             "--results-file" => options.results_file = Some(value),
+            "--sink" => options.sink = value,
             "--timeout" => options.timeout = Duration::from_secs(value.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
@@ -110,10 +115,16 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let sink = gst::ElementFactory::make("fakesink").build().expect("fakesink (coreelements)");
+    let sink = match gst::ElementFactory::make(&options.sink).build() {
+        Ok(sink) => sink,
+        Err(_) => {
+            eprintln!("bench_camera: no element {}", options.sink);
+            std::process::exit(1);
+        }
+    };
     let pipeline = gst::Pipeline::new();
     pipeline.add_many([&source, &sink]).expect("elements added once");
-    source.link(&sink).expect("roboflowresultsrc links to fakesink");
+    source.link(&sink).expect("roboflowresultsrc links to the sink");
 
     let bus = pipeline.bus().expect("a pipeline has a bus");
     let mut results: Vec<serde_json::Value> = Vec::new();

@@ -13,12 +13,12 @@
 #   ours: examples/bench_camera.rs, an application running
 #         roboflowresultsrc source-url=URL api-url=... workflow-spec-file=...
 #         data-output=rgb_color stream-output=blurred video-transport=track
-#         realtime-processing=true ! fakesink; per roboflow-inference
+#         realtime-processing=true ! SINK; per roboflow-inference
 #         message it parses the result's JSON and keeps rgb_color and the
 #         pts, which is what the SDK script's on_data handler does
 #         (the release plugin, GST_PLUGIN_PATH=target/release)
 #   launch (not run by default): the same pipeline as
-#         gst-launch-1.0 -m ... ! fakesink, which also prints every message
+#         gst-launch-1.0 -m ... ! SINK, which also prints every message
 #         in full (about 0.05-0.1 s of CPU more over 900 frames)
 #   SDK:  RTSPSource + StreamConfig(stream_output=["blurred"],
 #         data_output=["rgb_color"], realtime_processing=True), an on_frame
@@ -33,6 +33,12 @@
 #   BENCH_PATTERN     camera pattern: coded (solid colour per frame, default)
 #                     or ball (a moving ball on the colour-coded background)
 #   BENCH_REALTIME    realtime processing, 1 (default) or 0
+#   BENCH_SINK        where our decoded frames go (fakesink, default):
+#                     fakesink takes plain buffers, so vp8dec copies each
+#                     frame out of libvpx's own buffer (about 460 KB at
+#                     640x480); fakevideosink accepts GstVideoMeta, as
+#                     display sinks, videoconvert and encoders do, and gets
+#                     libvpx's buffer without a copy
 #   BENCH_TIMEOUT     seconds allowed per session (FRAMES / FPS + 120); a
 #                     session over it is killed and counted as a timeout
 #   BENCH_BUILD       1 (default): cargo build --release the plugin, the
@@ -48,7 +54,7 @@
 #   results           results received (roboflow-inference messages / the
 #                     SDK's on_data calls)
 #   frames decoded    returned frames the client decoded: ours, the source's
-#                     final stats frames-pushed (decoded, pushed to fakesink);
+#                     final stats frames-pushed (decoded, pushed to the sink);
 #                     SDK, frames its track reader decoded to BGR arrays
 #                     (also: how many reached the on_frame handler)
 #   camera frames     which camera frames got a result (first, last,
@@ -68,6 +74,7 @@ HEIGHT="${BENCH_HEIGHT:-480}"
 PATTERN="${BENCH_PATTERN:-coded}"
 REALTIME="${BENCH_REALTIME:-1}"
 TIMEOUT="${BENCH_TIMEOUT:-$((FRAMES / FPS + 120))}"
+SINK="${BENCH_SINK:-fakesink}"
 BUILD="${BENCH_BUILD:-1}"
 PORT="${ROBOFLOW_SERVER_PORT:-9001}"
 API_URL="http://127.0.0.1:$PORT"
@@ -130,6 +137,7 @@ export GST_PLUGIN_PATH="$PLUGIN_DIR"
 # Refresh GStreamer's registry now, so no session pays for the plugin scan.
 gst-inspect-1.0 roboflowresultsrc >/dev/null \
     || { log "gst-inspect-1.0 finds no roboflowresultsrc in $PLUGIN_DIR"; exit 1; }
+export BENCH_SINK_NAME="$SINK"
 export BENCH_TREE="commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(git --no-optional-locks status --porcelain 2>/dev/null | wc -l) changed/untracked paths in the work tree"
 
 mkdir -p "$OUT" "$LOGS"
@@ -174,12 +182,12 @@ run_job() { # client run
     if [ "$client" = ours ]; then
         cmd=("$APP" --source-url "$CAMERA_URL" --api-url "$API_URL" --workflow-spec-file "$WORKFLOW"
              --data-output "$DATA_OUTPUT" --stream-output "$STREAM_OUTPUT" --realtime "$REALTIME"
-             --results-file "$LOGS/$name.results.json" --timeout "$TIMEOUT")
+             --results-file "$LOGS/$name.results.json" --timeout "$TIMEOUT" --sink "$SINK")
         out="$LOGS/$name.app"
     elif [ "$client" = launch ]; then
         cmd=(gst-launch-1.0 -m roboflowresultsrc "source-url=$CAMERA_URL" "api-url=$API_URL"
              "workflow-spec-file=$WORKFLOW" "data-output=$DATA_OUTPUT" "stream-output=$STREAM_OUTPUT"
-             video-transport=track "realtime-processing=$realtime" ! fakesink)
+             video-transport=track "realtime-processing=$realtime" ! "$SINK")
         out="$LOGS/$name.gst"
     else
         cmd=(env ROBOFLOW_ICE_LOOPBACK_ONLY=1 "PYTHONPATH=$PWD/scripts/server${PYTHONPATH:+:$PYTHONPATH}"
@@ -251,8 +259,9 @@ ours = [j for j in jobs if j["client"] == "ours"]
 sdk = [j for j in jobs if j["client"] == "sdk"]
 out = {"tree": os.environ.get("BENCH_TREE"), "runs": int(runs), "frames": int(frames), "fps": float(fps),
        "size": size, "pattern": pattern, "realtime": realtime == "1",
-       "load_start": load_start, "load_end": load_end, "table": {}, "jobs": jobs}
+       "load_start": load_start, "load_end": load_end, "sink": os.environ.get("BENCH_SINK_NAME"), "table": {}, "jobs": jobs}
 print("gst-roboflow camera benchmark: roboflowresultsrc source-url (ours) vs inference_sdk 1.8.3 RTSPSource (SDK)")
+print(f"our decoded frames go to {os.environ.get('BENCH_SINK_NAME')}")
 print(f"a loopback RTSP camera (examples/rtsp_camera.rs, pattern {pattern}): {frames} frames {size} at {fps} fps; "
       f"realtime processing {'on' if realtime == '1' else 'off'}; returned video as a track, decoded by both")
 print(f"{runs} run(s) per client, alternating; plugin built from {os.environ.get('BENCH_TREE', '?')}")

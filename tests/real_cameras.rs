@@ -33,12 +33,34 @@ fn workflow(name: &str) -> PathBuf {
 
 /// roboflowresultsrc on `url` with the blur + dominant colour Workflow:
 /// `rgb_color` tells which camera frame the server processed.
+/// Where the returned video goes: an application's appsink, or a video sink
+/// that syncs to the clock and accepts GstVideoMeta (as a display does).
+#[derive(Clone, Copy, Debug)]
+enum Tail {
+    AppSink,
+    VideoSink,
+}
+
+impl Tail {
+    fn launch_line(self) -> &'static str {
+        match self {
+            Tail::AppSink => "videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
+            Tail::VideoSink => "fakevideosink name=out",
+        }
+    }
+}
+
 fn camera_pipeline(api_url: &str, url: &str, extra: &str) -> gst::Pipeline {
+    camera_pipeline_into(api_url, url, extra, Tail::AppSink)
+}
+
+fn camera_pipeline_into(api_url: &str, url: &str, extra: &str, tail: Tail) -> gst::Pipeline {
     launch(&format!(
         "roboflowresultsrc name=src source-url=\"{url}\" api-url={api_url} api-key=offline-test-key \
          connect-timeout=120000 stall-timeout=60000 workflow-spec-file={} data-output=rgb_color stream-output=blurred {extra} \
-         ! videoconvert ! video/x-raw,format=RGB ! appsink name=out sync=false",
-        workflow("blur-dominant-color.json").display()
+         ! {}",
+        workflow("blur-dominant-color.json").display(),
+        tail.launch_line()
     ))
 }
 
@@ -48,7 +70,18 @@ type Frames = Arc<Mutex<Vec<(Option<gst::ClockTime>, bool)>>>;
 fn collect(pipeline: &gst::Pipeline) -> Frames {
     let frames: Frames = Arc::default();
     let record = frames.clone();
-    let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    let out = pipeline.by_name("out").unwrap();
+    let Ok(appsink) = out.clone().downcast::<gst_app::AppSink>() else {
+        // Any other sink: each buffer as it reaches the sink's pad.
+        out.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(buffer) = info.buffer() {
+                let paired = gst::meta::CustomMeta::from_buffer(buffer, gstroboflow::META_NAME).is_ok();
+                record.lock().unwrap().push((buffer.pts(), paired));
+            }
+            gst::PadProbeReturn::Ok
+        });
+        return frames;
+    };
     appsink.set_callbacks(
         gst_app::AppSinkCallbacks::builder()
             .new_sample(move |sink| {
@@ -86,12 +119,12 @@ fn run_camera(pipeline: &gst::Pipeline, camera_ended: impl Fn() -> Option<Instan
 /// The issue's goal: 300 frames at 15 fps, at least 99 % of the frames after
 /// the first result, EOS within 5 s of the stream's end; every result in
 /// order, the server's processed frames all accounted for.
-fn rtsp_camera(transport: &str) {
+fn rtsp_camera(transport: &str, tail: Tail) {
     init();
     let frames = 300u64;
     let camera = RtspCamera::start(frames as u32, 15, WIDTH, HEIGHT);
     let url = camera.url_with_credentials("admin", PASSWORD);
-    let pipeline = camera_pipeline(&server("ROBOFLOW_TEST_SERVER"), &url, &format!("video-transport={transport}"));
+    let pipeline = camera_pipeline_into(&server("ROBOFLOW_TEST_SERVER"), &url, &format!("video-transport={transport}"), tail);
     let received = collect(&pipeline);
     let (outcome, after_end) = run_camera(&pipeline, || camera.finished_at());
     assert!(outcome.eos, "EOS when the camera's stream ends: {:?}", outcome.error);
@@ -103,7 +136,7 @@ fn rtsp_camera(transport: &str) {
     let share = indices.len() as f64 / after_first as f64;
     let summary = result_summary(&outcome);
     eprintln!(
-        "{transport}: {} results of {frames} frames; first result: frame {first} ({} processed before the results channel opened); \
+        "{transport} into {tail:?}: {} results of {frames} frames; first result: frame {first} ({} processed before the results channel opened); \
          {:.1} % of the frames after it; EOS {after_end:?} after the camera's last frame; {summary}",
         indices.len(),
         stat(&summary, "results-missed"),
@@ -137,13 +170,24 @@ fn rtsp_camera(transport: &str) {
 #[test]
 #[ignore = "needs the real server: scripts/test.sh"]
 fn rtsp_camera_realtime_returns_nearly_every_frame_and_ends_with_the_stream() {
-    rtsp_camera("datachannel");
+    rtsp_camera("datachannel", Tail::AppSink);
 }
 
 #[test]
 #[ignore = "needs the real server: scripts/test.sh"]
 fn rtsp_camera_over_a_returned_track() {
-    rtsp_camera("track");
+    rtsp_camera("track", Tail::AppSink);
+}
+
+/// A video sink that syncs holds the frame source's thread frame by frame
+/// while the server, draining the camera's start-up backlog in realtime
+/// mode, runs ahead. Before the frame source took the waiting results with
+/// the waiting packets, this lost the pairing of nearly every frame (838 of
+/// 898 unpaired in the camera benchmark with fakevideosink).
+#[test]
+#[ignore = "needs the real server: scripts/test.sh"]
+fn rtsp_camera_over_a_returned_track_into_a_syncing_video_sink() {
+    rtsp_camera("track", Tail::VideoSink);
 }
 
 #[test]

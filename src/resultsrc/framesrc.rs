@@ -30,7 +30,7 @@ use crate::protocol::rtp_pairing::{DEFAULT_HOLD, Released, ResultsByPts, TrackPa
 use crate::runtime::Waits;
 use crate::stop::{Stop, waited};
 use crate::session::registry::Claim;
-use crate::session::{FrameEvent, ResultEvent, ResultStream, SessionError, SessionProbe, TrackItem};
+use crate::session::{FrameEvent, ResultEvent, ResultStream, Sequenced, SessionError, SessionProbe, TrackItem};
 
 pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -664,10 +664,14 @@ impl FrameSrc {
     /// One step of track transport: a packet ready to push, or None after
     /// taking in one input (a result, a packet, or a hold that ran out).
     fn next_rtp(&self, attached: &mut Attached) -> Result<Option<CreateSuccess>, Stop> {
-        // Packets already here go in without a wait, and everything the
-        // pairing can release leaves as one list: a frame's packets cost one
-        // push and one queue hand-over, not one each.
-        while let Some(input) = attached.link.ready_track_input() {
+        // Packets and results already here go in without a wait, in the
+        // order the session handed them over, before the pairing decides:
+        // while downstream held this thread (a syncing sink), the results of
+        // the frames held here queued up too, and a hold that ran out
+        // meanwhile must not send those frames out unpaired. Everything the
+        // pairing can release then leaves as one list: a frame's packets
+        // cost one push and one queue hand-over, not one each.
+        while let Some(input) = attached.link.ready_input() {
             self.on_rtp_input(attached, input)?;
         }
         if let Some(released) = released_packets(&mut attached.pairing) {
@@ -888,12 +892,23 @@ impl From<TrackItem> for Input {
     }
 }
 
+/// What `next_input` took off a channel.
+enum Taken {
+    Track(Option<Sequenced<TrackItem>>),
+    Result(Sequenced<ResultEvent>),
+}
+
 /// The source's hold on a session: its result stream, its returned track.
 /// Dropping it lets go of the session.
 struct SessionLink {
     stream: ResultStream,
     settings: SessionSettings,
-    track: Option<mpsc::Receiver<TrackItem>>,
+    track: Option<mpsc::Receiver<Sequenced<TrackItem>>>,
+    /// Track transport: the next track item and the next result, taken off
+    /// their channels but not handed on yet; whichever the session handed
+    /// over first goes first.
+    track_ahead: Option<Sequenced<TrackItem>>,
+    result_ahead: Option<Sequenced<ResultEvent>>,
 }
 
 impl SessionLink {
@@ -915,13 +930,30 @@ impl SessionLink {
         };
         let track = if settings.output == Output::Rtp { stream.take_track() } else { None };
         stream.enable_acks(ack_lead);
-        SessionLink { stream, settings, track }
+        SessionLink { stream, settings, track, track_ahead: None, result_ahead: None }
     }
 
-    /// A track item already waiting, taken without a wait (None when none
-    /// is, or the track is gone: `next_input` reports that).
-    fn ready_track_input(&mut self) -> Option<Input> {
-        self.track.as_mut()?.try_recv().ok().map(Input::from)
+    /// Track transport: the track item or result already waiting that the
+    /// session handed over first, taken without a wait (None when neither
+    /// is; `next_input` reports a track gone or a failure).
+    fn ready_input(&mut self) -> Option<Input> {
+        if self.track_ahead.is_none() {
+            self.track_ahead = self.track.as_mut().and_then(|track| track.try_recv().ok());
+        }
+        if self.result_ahead.is_none() {
+            self.result_ahead = self.stream.try_next_sequenced();
+        }
+        let track_first = match (&self.track_ahead, &self.result_ahead) {
+            (Some((track, _)), Some((result, _))) => track < result,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return None,
+        };
+        if track_first {
+            self.track_ahead.take().map(|(_, item)| Input::from(item))
+        } else {
+            self.result_ahead.take().map(|(_, event)| Input::Event(Ok(event)))
+        }
     }
 
     fn frames_received(&self) -> u64 {
@@ -932,11 +964,13 @@ impl SessionLink {
         self.stream.next().await
     }
 
-    /// The next result event or track item, whichever comes first, or the
-    /// end of a hold at `deadline`. Track first when both are ready: a
-    /// frame's packets were then sent before the results still queued
-    /// behind them, and the pairing relies on arrival order.
+    /// The next result event or track item, in the order the session handed
+    /// them over (the pairing relies on arrival order), or the end of a hold
+    /// at `deadline`.
     async fn next_input(&mut self, draining: bool, deadline: Option<Instant>) -> Input {
+        if let Some(input) = self.ready_input() {
+            return input;
+        }
         let SessionLink { stream, track, .. } = self;
         if draining && track.is_none() {
             return Input::TrackDone;
@@ -953,30 +987,36 @@ impl SessionLink {
                 None => std::future::pending().await,
             }
         };
-        let item = if draining {
+        let next = if draining {
             tokio::select! {
                 biased;
-                item = packet => item,
+                item = packet => Taken::Track(item),
                 _ = hold_over => return Input::HoldOver,
                 _ = tokio::time::sleep(TRACK_DRAIN_QUIET) => return Input::TrackDone,
             }
         } else {
             tokio::select! {
                 biased;
-                item = packet => item,
-                event = stream.next() => return Input::Event(event),
+                item = packet => Taken::Track(item),
+                event = stream.next_sequenced() => match event {
+                    Ok(event) => Taken::Result(event),
+                    Err(error) => return Input::Event(Err(error)),
+                },
                 _ = hold_over => return Input::HoldOver,
             }
         };
-        match item {
-            Some(item) => Input::from(item),
-            None => {
-                *track = None;
-                Input::TrackClosed
+        // Back through ready_input: what the session handed over before it
+        // on the other channel may be waiting too.
+        match next {
+            Taken::Track(Some(item)) => self.track_ahead = Some(item),
+            Taken::Track(None) => {
+                self.track = None;
+                return Input::TrackClosed;
             }
+            Taken::Result(event) => self.result_ahead = Some(event),
         }
+        self.ready_input().expect("an input was just taken")
     }
-
 }
 
 #[cfg(test)]

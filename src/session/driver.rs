@@ -126,8 +126,10 @@ pub(crate) struct Shared {
     /// Wakes the timer task when the core's next timeout may have moved.
     timer: Notify,
     warnings: Mutex<Vec<String>>,
-    results_tx: mpsc::Sender<ResultEvent>,
-    track_tx: mpsc::Sender<TrackItem>,
+    results_tx: mpsc::Sender<Sequenced<ResultEvent>>,
+    track_tx: mpsc::Sender<Sequenced<TrackItem>>,
+    /// Results and track items handed over so far: the next one's place.
+    handed_over: AtomicU64,
     track_packets_dropped: AtomicU64,
     /// Live video: the server asked for a keyframe (PLI/FIR).
     keyframe_requested: AtomicBool,
@@ -160,10 +162,16 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// A result event or a returned-track item with its place in the order the
+/// session handed them over. The two travel on separate channels, and a
+/// consumer that pairs the track's frames with their results merges them
+/// back in this order (rtp_pairing.rs relies on arrival order).
+pub type Sequenced<T> = (u64, T);
+
 /// The receiving ends a new session hands to its result consumer.
 pub(crate) struct Receivers {
-    pub results: mpsc::Receiver<ResultEvent>,
-    pub track: mpsc::Receiver<TrackItem>,
+    pub results: mpsc::Receiver<Sequenced<ResultEvent>>,
+    pub track: mpsc::Receiver<Sequenced<TrackItem>>,
 }
 
 impl Shared {
@@ -185,6 +193,7 @@ impl Shared {
             warnings: Mutex::new(Vec::new()),
             results_tx,
             track_tx,
+            handed_over: AtomicU64::new(0),
             track_packets_dropped: AtomicU64::new(0),
             keyframe_requested: AtomicBool::new(false),
             keyframe_wanted: Notify::new(),
@@ -634,7 +643,10 @@ impl Shared {
                             // Waits while the consumer is behind: the channel
                             // is not read meanwhile, which back-pressures the
                             // server. A consumer that let go closed the session.
-                            let _ = self.results_tx.send(event).await;
+                            // Numbered before a wait: track items handed over
+                            // meanwhile come after it, though the consumer
+                            // may see them first.
+                            let _ = self.results_tx.send((self.next_place(), event)).await;
                         }
                     }
                 }
@@ -833,8 +845,13 @@ impl Shared {
         }
     }
 
+    /// The place of the next result or track item handed over.
+    fn next_place(&self) -> u64 {
+        self.handed_over.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn deliver_track(&self, item: TrackItem) {
-        if self.track_tx.try_send(item).is_err() {
+        if self.track_tx.try_send((self.next_place(), item)).is_err() {
             self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::config::SessionConfig;
 
 use super::core::{Input, Output, ResultEvent, SessionStats, State};
-use super::driver::{Shared, TrackItem, TrackOut};
+use super::driver::{Sequenced, Shared, TrackItem, TrackOut};
 use super::error::SessionError;
 use super::registry;
 
@@ -220,8 +220,8 @@ pub struct ResultStream {
     shared: Arc<Shared>,
     /// Keeps the session open while this end lives.
     _alive: Arc<Alive>,
-    events: mpsc::Receiver<ResultEvent>,
-    track: Option<mpsc::Receiver<TrackItem>>,
+    events: mpsc::Receiver<Sequenced<ResultEvent>>,
+    track: Option<mpsc::Receiver<Sequenced<TrackItem>>>,
     reader: Reader,
 }
 
@@ -229,8 +229,8 @@ impl ResultStream {
     pub(super) fn new(
         shared: Arc<Shared>,
         alive: Arc<Alive>,
-        events: mpsc::Receiver<ResultEvent>,
-        track: mpsc::Receiver<TrackItem>,
+        events: mpsc::Receiver<Sequenced<ResultEvent>>,
+        track: mpsc::Receiver<Sequenced<TrackItem>>,
     ) -> Self {
         ResultStream { shared, _alive: alive, events, track: Some(track), reader: Reader::Sink }
     }
@@ -255,19 +255,32 @@ impl ResultStream {
         self.shared.track_packets_dropped()
     }
 
-    /// The returned video track's codec and packets (track transport).
-    pub fn take_track(&mut self) -> Option<mpsc::Receiver<TrackItem>> {
+    /// The returned video track's codec and packets (track transport), each
+    /// with its place among the results (see [`Sequenced`]).
+    pub fn take_track(&mut self) -> Option<mpsc::Receiver<Sequenced<TrackItem>>> {
         self.track.take()
     }
 
     /// The next result, or the failure that ended the session. Results that
     /// arrived before a failure come first. Cancel-safe.
     pub async fn next(&mut self) -> Result<ResultEvent, SessionError> {
+        self.next_sequenced().await.map(|(_, event)| event)
+    }
+
+    /// [`next`](Self::next) with the result's place among the track items.
+    pub async fn next_sequenced(&mut self) -> Result<Sequenced<ResultEvent>, SessionError> {
         tokio::select! {
             biased;
             event = self.events.recv() => event.ok_or_else(|| self.shared.failure().unwrap_or(SessionError::Closed)),
             error = self.shared.failed() => Err(error),
         }
+    }
+
+    /// A result already waiting, with its place, taken without a wait (None
+    /// when none is; [`next_sequenced`](Self::next_sequenced) reports a
+    /// failure).
+    pub fn try_next_sequenced(&mut self) -> Option<Sequenced<ResultEvent>> {
+        self.events.try_recv().ok()
     }
 
     /// Turns on acks (flow control), `lead` frames ahead of the handled ones.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use self::core::{FrameEvent, ResultEvent, SessionStats};
-pub use driver::{TrackItem, random_u32};
+pub use driver::{Sequenced, TrackItem, random_u32};
 pub use endpoints::{ResultStream, SessionProbe, UploadWriter};
 pub use error::SessionError;
 
