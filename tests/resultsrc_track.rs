@@ -343,3 +343,58 @@ fn a_keyframe_request_that_brings_no_keyframe_is_repeated() {
     // session asks again 500 ms later, and the picture comes back.
     assert_eq!(lost_for_good(TrackCodec::Vp8, 1, "track-pli-again"), 2, "the request, then one repeat");
 }
+
+/// A server far away: each retransmission comes 400 ms after its NACK.
+/// Returns the summary of a 60-frame job with `loss-wait` set or not, and
+/// the frame ids decoded.
+fn far_away(loss_wait: Option<u32>, session: &str) -> (gst::Structure, Vec<Option<u64>>) {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = make_clip(&dir.path().join("clip.mp4"), 60, 320, 240);
+    let worker = TestWorker::start(WorkerConfig {
+        track_lose_packets: vec![12],
+        track_retransmission_delay: Duration::from_millis(400),
+        // No keyframe but the first and the ones asked for, as aiortc.
+        track_keyframe_interval: 10_000,
+        track_frame_gap: Duration::from_millis(30),
+        ..Default::default()
+    });
+    let wait = loss_wait.map(|ms| format!("loss-wait={ms}")).unwrap_or_default();
+    let pipeline = launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session={session} {wait} {SOURCE_TAIL}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ));
+    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    let outcome = run(&pipeline, Duration::from_secs(90));
+    assert!(outcome.eos, "{:?}", outcome.error);
+    let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
+    assert_eq!(report.track_packets_lost, 1, "the worker lost one packet on the wire");
+    assert!(report.track_retransmissions >= 1, "it was NACKed and resent");
+    let summary = outcome.named("roboflow-result-summary")[0].clone();
+    let ids = received.lock().unwrap().frame_ids.clone();
+    (summary, ids)
+}
+
+#[test]
+fn a_retransmission_slower_than_the_loss_wait_is_given_up() {
+    // The default loss wait (150 ms) is shorter than the round trip: the
+    // packet is given up, its frames dropped, a keyframe asked for.
+    let (summary, ids) = far_away(None, "track-far-default");
+    let source = gst::ElementFactory::make("roboflowresultsrc").build().unwrap();
+    assert_eq!(source.property::<u32>("loss-wait"), 150, "the default");
+    assert_eq!(summary.get::<u64>("track-packets-lost").unwrap(), 1, "{summary:?}");
+    assert!(summary.get::<u64>("keyframe-requests").unwrap() >= 1, "{summary:?}");
+    assert!(ids.len() < 60, "frames dropped until the keyframe: {ids:?}");
+}
+
+#[test]
+fn a_loss_wait_longer_than_the_round_trip_waits_for_the_retransmission() {
+    let (summary, ids) = far_away(Some(1000), "track-far-waits");
+    assert_eq!(summary.get::<u64>("track-packets-lost").unwrap(), 0, "{summary:?}");
+    assert_eq!(summary.get::<u64>("keyframe-requests").unwrap(), 0, "{summary:?}");
+    let ids: Vec<u64> = ids.iter().map(|id| id.expect("every frame paired")).collect();
+    assert_eq!(ids, (1..=60).collect::<Vec<_>>(), "every frame decodes, in order");
+    assert_eq!(summary.get::<u64>("frames-unpaired").unwrap(), 0);
+}

@@ -42,6 +42,11 @@ impl<P> RtpOrder<P> {
     }
 
     /// Packets given up as lost so far.
+    /// How long packets wait behind a missing one.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
     pub fn lost(&self) -> u64 {
         self.lost
     }

@@ -143,6 +143,9 @@ pub struct Params {
     pub max_queued_frames: u32,
     /// Reported as this live source's latency.
     pub latency: Duration,
+    /// Track transport: how long packets wait behind a lost one for its
+    /// retransmission (the `loss-wait` property).
+    pub loss_wait: Duration,
 }
 
 /// The latency roboflowresultsrc reports by default: the time a live frame
@@ -157,6 +160,7 @@ impl Default for Params {
             attach_timeout: Duration::from_millis(crate::config::DEFAULT_CONNECT_TIMEOUT_MS.into()),
             max_queued_frames: DEFAULT_MAX_QUEUED_FRAMES,
             latency: Duration::from_millis(DEFAULT_LATENCY_MS.into()),
+            loss_wait: DEFAULT_LOSS_WAIT,
         }
     }
 }
@@ -479,7 +483,7 @@ impl FrameSrc {
             handed_out: None,
             held: None,
             caps_sent: false,
-            order: RtpOrder::new(DEFAULT_LOSS_WAIT),
+            order: RtpOrder::new(params.loss_wait),
             lost_counted: 0,
             pairing: TrackPairing::new(VIDEO_CLOCK_RATE, DEFAULT_HOLD),
             draining: false,
@@ -778,9 +782,9 @@ impl FrameSrc {
         gst::info!(
             CAT,
             imp = self,
-            "{} RTP packets of the returned track lost (not retransmitted within {} ms): the depayloader asks the server for a keyframe",
+            "{} RTP packets of the returned track lost (not retransmitted within loss-wait, {} ms): the depayloader asks the server for a keyframe",
             lost - attached.lost_counted,
-            DEFAULT_LOSS_WAIT.as_millis()
+            attached.order.wait().as_millis()
         );
         attached.lost_counted = lost;
         let shared = self.shared.lock().unwrap().clone();

@@ -29,6 +29,7 @@ use super::META_NAME;
 use super::regions;
 use super::framesrc::{self, CAT, DEFAULT_MAX_QUEUED_FRAMES, FrameSrcElement, Params, Shared};
 use crate::config::{self, UploadSettings};
+use crate::protocol::rtp_order::DEFAULT_LOSS_WAIT;
 use crate::session::{self, registry};
 
 const DEFAULT_ATTACH_ROI_META: bool = true;
@@ -116,6 +117,14 @@ impl ObjectImpl for ResultSrc {
                     .default_value(framesrc::DEFAULT_LATENCY_MS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("loss-wait")
+                    .nick("Loss wait")
+                    .blurb("Track transport: milliseconds the returned track's packets wait behind a lost one for its retransmission (the session NACKs a gap 10 ms after it appears). It must cover a round trip to the server: raise it for a server far away. A packet not resent in time is given up; the frames up to the next keyframe, which the element then asks for, are dropped")
+                    .minimum(10)
+                    .maximum(5000)
+                    .default_value(DEFAULT_LOSS_WAIT.as_millis() as u32)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecBoolean::builder("attach-roi-meta")
                     .nick("Attach ROI meta")
                     .blurb("Attach each detected box of a frame's result to the frame as a GstVideoRegionOfInterestMeta (pixels of the frame; roi_type the class; a 'detection' param with output, class, confidence, class-id, detection-id, tracker-id)")
@@ -156,6 +165,7 @@ impl ObjectImpl for ResultSrc {
                 self.queue.set_property("max-size-buffers", params.max_queued_frames);
             }
             "latency" => params.latency = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into()),
+            "loss-wait" => params.loss_wait = Duration::from_millis(value.get::<u32>().expect("type checked upstream").into()),
             "attach-roi-meta" => self.shared.attach_roi.store(value.get().expect("type checked upstream"), Ordering::Relaxed),
             name => unreachable!("unknown property {name}"),
         }
@@ -180,6 +190,7 @@ impl ObjectImpl for ResultSrc {
                 .to_value(),
             "max-queued-frames" => params.max_queued_frames.to_value(),
             "latency" => (params.latency.as_millis() as u32).to_value(),
+            "loss-wait" => (params.loss_wait.as_millis() as u32).to_value(),
             "attach-roi-meta" => self.shared.attach_roi.load(Ordering::Relaxed).to_value(),
             name => unreachable!("unknown property {name}"),
         }

@@ -179,6 +179,9 @@ pub struct WorkerConfig {
     /// loss is for good and only a keyframe (asked for with a PLI, which the
     /// worker answers as aiortc does) repairs the picture.
     pub track_lose_retransmissions: bool,
+    /// With `track_lose_packets`: every retransmission leaves this much
+    /// later (a server far away: the NACK's round trip).
+    pub track_retransmission_delay: Duration,
     /// Track transport: frames between the encoder's own keyframes (30).
     pub track_keyframe_interval: u32,
     /// Track transport: the first N keyframe requests (PLI, FIR) are counted
@@ -238,6 +241,7 @@ impl Default for WorkerConfig {
             track_lose_first_frame: false,
             track_lose_packets: Vec::new(),
             track_lose_retransmissions: false,
+            track_retransmission_delay: Duration::ZERO,
             track_keyframe_interval: DEFAULT_KEYFRAME_INTERVAL,
             track_ignore_keyframe_requests: 0,
             track_stamp_frame_id: false,
@@ -2636,10 +2640,22 @@ impl AsyncUdpSocket for ThrottledSocket {
             // Lost on the way, as to a dead process.
             return Poll::Ready(Ok(transmit.contents.len()));
         }
-        if let Some(loss) = &self.feedback.loss
-            && loss.loses(transmit.contents)
-        {
-            return Poll::Ready(Ok(transmit.contents.len()));
+        if let Some(loss) = &self.feedback.loss {
+            match loss.fate(transmit.contents) {
+                Fate::Sent => {}
+                Fate::Lost => return Poll::Ready(Ok(transmit.contents.len())),
+                Fate::Delayed(delay) => {
+                    let inner = self.inner.clone();
+                    let (destination, ecn, src_ip) = (transmit.destination, transmit.ecn, transmit.src_ip);
+                    let contents = transmit.contents.to_vec();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let later = Transmit { destination, ecn, contents: &contents, segment_size: None, src_ip };
+                        let _ = std::future::poll_fn(|cx| inner.poll_send(cx, &later)).await;
+                    });
+                    return Poll::Ready(Ok(transmit.contents.len()));
+                }
+            }
         }
         self.inner.poll_send(cx, transmit)
     }
@@ -2731,6 +2747,7 @@ impl TrackFeedback {
             loss: (!config.track_lose_packets.is_empty()).then(|| TrackLoss {
                 lose: config.track_lose_packets.clone(),
                 retransmissions_too: config.track_lose_retransmissions,
+                retransmission_delay: config.track_retransmission_delay,
                 state: Mutex::new(TrackLossState::default()),
             }),
             keyframe_requests: Default::default(),
@@ -2749,10 +2766,18 @@ impl TrackFeedback {
     }
 }
 
+/// What the worker's wire does with an outgoing datagram.
+enum Fate {
+    Sent,
+    Lost,
+    Delayed(Duration),
+}
+
 #[derive(Debug)]
 struct TrackLoss {
     lose: Vec<u32>,
     retransmissions_too: bool,
+    retransmission_delay: Duration,
     state: Mutex<TrackLossState>,
 }
 
@@ -2767,12 +2792,13 @@ struct TrackLossState {
 }
 
 impl TrackLoss {
-    /// Whether this outgoing datagram is lost. Only RTP is (RFC 7983:
-    /// 128-191, and not RTCP's packet types 192-223 in the second byte);
-    /// SRTP leaves the header, so its SSRC and sequence number, in clear.
-    fn loses(&self, datagram: &[u8]) -> bool {
+    /// What becomes of this outgoing datagram. Only RTP is lost or delayed
+    /// (RFC 7983: 128-191, and not RTCP's packet types 192-223 in the
+    /// second byte); SRTP leaves the header, so its SSRC and sequence
+    /// number, in clear.
+    fn fate(&self, datagram: &[u8]) -> Fate {
         if datagram.len() < 12 || !(128..=191).contains(&datagram[0]) || (192..=223).contains(&datagram[1]) {
-            return false;
+            return Fate::Sent;
         }
         let sequence = u16::from_be_bytes([datagram[2], datagram[3]]);
         let ssrc = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
@@ -2780,12 +2806,16 @@ impl TrackLoss {
         let media_ssrc = *state.media_ssrc.get_or_insert(ssrc);
         if ssrc != media_ssrc || !state.sent.insert(sequence) {
             state.retransmissions += 1;
-            return self.retransmissions_too;
+            return match (self.retransmissions_too, self.retransmission_delay) {
+                (true, _) => Fate::Lost,
+                (false, Duration::ZERO) => Fate::Sent,
+                (false, delay) => Fate::Delayed(delay),
+            };
         }
         state.first_transmissions += 1;
         let lost = self.lose.contains(&state.first_transmissions);
         state.lost += u32::from(lost);
-        lost
+        if lost { Fate::Lost } else { Fate::Sent }
     }
 }
 
