@@ -41,12 +41,12 @@ impl<P> RtpOrder<P> {
         RtpOrder { wait, next: None, held: BTreeMap::new(), ready: VecDeque::new(), lost: 0, late: 0 }
     }
 
-    /// Packets given up as lost so far.
     /// How long packets wait behind a missing one.
     pub fn wait(&self) -> Duration {
         self.wait
     }
 
+    /// Packets given up as lost so far.
     pub fn lost(&self) -> u64 {
         self.lost
     }
