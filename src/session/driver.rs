@@ -643,10 +643,11 @@ impl Shared {
                             // Waits while the consumer is behind: the channel
                             // is not read meanwhile, which back-pressures the
                             // server. A consumer that let go closed the session.
-                            // Numbered before a wait: track items handed over
-                            // meanwhile come after it, though the consumer
-                            // may see them first.
-                            let _ = self.results_tx.send((self.next_place(), event)).await;
+                            // Numbered once there is room, right as it goes
+                            // in: no track item is handed over in between.
+                            if let Ok(permit) = self.results_tx.reserve().await {
+                                permit.send((self.next_place(), event));
+                            }
                         }
                     }
                 }
