@@ -60,15 +60,21 @@ fn collect_slowly(appsink: &gst_app::AppSink, delay: Duration) -> Arc<Mutex<Rece
 const SINK_TAIL: &str = "video-transport=track stream-output=image";
 const SOURCE_TAIL: &str = "! videoconvert ! video/x-raw,format=GRAY8 ! appsink name=out sync=false";
 
+/// An upload and its result source (with `source_properties`) in one
+/// pipeline, the returned video into the appsink `out`.
+fn track_pipeline(clip: &std::path::Path, worker: &TestWorker, session: &str, source_properties: &str) -> gst::Pipeline {
+    launch(&format!(
+        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
+         roboflowresultsrc name=results session={session} {source_properties} {SOURCE_TAIL}",
+        clip.display(),
+        sink_properties(&worker.url())
+    ))
+}
+
 /// One upload with its result source in one pipeline, the returned video
 /// collected; bounded to 90 s.
 fn track_job(clip: &std::path::Path, worker: &TestWorker, session: &str) -> (Arc<Mutex<Received>>, Outcome) {
-    let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session={session} {SOURCE_TAIL}",
-        clip.display(),
-        sink_properties(&worker.url())
-    ));
+    let pipeline = track_pipeline(clip, worker, session, "");
     let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
     let outcome = run(&pipeline, Duration::from_secs(90));
     (received, outcome)
@@ -238,12 +244,7 @@ fn a_slow_downstream_still_gets_every_frame_paired() {
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
     let worker = TestWorker::start(WorkerConfig::default());
-    let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session=track-slow {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session=track-slow {SOURCE_TAIL}",
-        clip.display(),
-        sink_properties(&worker.url())
-    ));
+    let pipeline = track_pipeline(&clip, &worker, "track-slow", "");
     // 60 ms a frame: the 8 frames the acks let the worker run ahead take
     // 480 ms downstream, twice the hold.
     let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
@@ -360,12 +361,7 @@ fn far_away(loss_wait: Option<u32>, session: &str) -> (gst::Structure, Vec<Optio
         ..Default::default()
     });
     let wait = loss_wait.map(|ms| format!("loss-wait={ms}")).unwrap_or_default();
-    let pipeline = launch(&format!(
-        "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
-         roboflowresultsrc name=results session={session} {wait} {SOURCE_TAIL}",
-        clip.display(),
-        sink_properties(&worker.url())
-    ));
+    let pipeline = track_pipeline(&clip, &worker, session, &wait);
     let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
     let outcome = run(&pipeline, Duration::from_secs(90));
     assert!(outcome.eos, "{:?}", outcome.error);
