@@ -31,8 +31,6 @@ fn workflow(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows").join(name)
 }
 
-/// roboflowresultsrc on `url` with the blur + dominant colour Workflow:
-/// `rgb_color` tells which camera frame the server processed.
 /// Where the returned video goes: an application's appsink, or a video sink
 /// that syncs to the clock and accepts GstVideoMeta (as a display does).
 #[derive(Clone, Copy, Debug)]
@@ -50,10 +48,13 @@ impl Tail {
     }
 }
 
+/// roboflowresultsrc on `url` with the blur + dominant colour Workflow:
+/// `rgb_color` tells which camera frame the server processed.
 fn camera_pipeline(api_url: &str, url: &str, extra: &str) -> gst::Pipeline {
     camera_pipeline_into(api_url, url, extra, Tail::AppSink)
 }
 
+/// [`camera_pipeline`] into `tail`.
 fn camera_pipeline_into(api_url: &str, url: &str, extra: &str, tail: Tail) -> gst::Pipeline {
     launch(&format!(
         "roboflowresultsrc name=src source-url=\"{url}\" api-url={api_url} api-key=offline-test-key \
