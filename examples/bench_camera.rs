@@ -14,10 +14,10 @@
 //! The pipeline: `roboflowresultsrc source-url=... video-transport=track
 //! ! fakesink` (`--sink fakevideosink`: a sink that accepts GstVideoMeta,
 //! as display sinks, videoconvert and encoders do, so that vp8dec hands on
-//! libvpx's frame without copying it). The application's share of the work is what the SDK
-//! script's `on_data` handler does: for every `roboflow-inference` message
-//! it parses the result's JSON and keeps the data output's value and the
-//! frame's pts. Nothing is printed per result (`gst-launch-1.0 -m`, the
+//! libvpx's frame without copying it). The application's share of the
+//! work is what the SDK script's `on_data` handler does: for every
+//! `roboflow-inference` message it parses the result's JSON and keeps the
+//! data output's value and the frame's pts. Nothing is printed per result (`gst-launch-1.0 -m`, the
 //! other way to run the benchmark, prints every message in full). The
 //! decoded frames reach the sink, as the SDK's reach its `on_frame`.
 //!

@@ -60,22 +60,28 @@ fn collect_slowly(appsink: &gst_app::AppSink, delay: Duration) -> Arc<Mutex<Rece
 const SINK_TAIL: &str = "video-transport=track stream-output=image";
 const SOURCE_TAIL: &str = "! videoconvert ! video/x-raw,format=GRAY8 ! appsink name=out sync=false";
 
-/// An upload and its result source (with `source_properties`) in one
-/// pipeline, the returned video into the appsink `out`.
-fn track_pipeline(clip: &std::path::Path, worker: &TestWorker, session: &str, source_properties: &str) -> gst::Pipeline {
-    launch(&format!(
+/// One upload with its result source in one pipeline, the returned video
+/// collected; bounded to 90 s.
+fn track_job(clip: &std::path::Path, worker: &TestWorker, session: &str) -> (Arc<Mutex<Received>>, Outcome) {
+    track_job_with(clip, worker, session, "", Duration::ZERO)
+}
+
+/// [`track_job`] with `source_properties` on the result source, and a
+/// downstream that holds the streaming thread `delay` per frame.
+fn track_job_with(
+    clip: &std::path::Path,
+    worker: &TestWorker,
+    session: &str,
+    source_properties: &str,
+    delay: Duration,
+) -> (Arc<Mutex<Received>>, Outcome) {
+    let pipeline = launch(&format!(
         "filesrc location={} ! roboflowuploadsink session={session} {SINK_TAIL} {}  \
          roboflowresultsrc name=results session={session} {source_properties} {SOURCE_TAIL}",
         clip.display(),
         sink_properties(&worker.url())
-    ))
-}
-
-/// One upload with its result source in one pipeline, the returned video
-/// collected; bounded to 90 s.
-fn track_job(clip: &std::path::Path, worker: &TestWorker, session: &str) -> (Arc<Mutex<Received>>, Outcome) {
-    let pipeline = track_pipeline(clip, worker, session, "");
-    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
+    ));
+    let received = collect_slowly(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap(), delay);
     let outcome = run(&pipeline, Duration::from_secs(90));
     (received, outcome)
 }
@@ -244,12 +250,9 @@ fn a_slow_downstream_still_gets_every_frame_paired() {
     let dir = tempfile::tempdir().unwrap();
     let clip = make_clip(&dir.path().join("clip.mp4"), 30, 320, 240);
     let worker = TestWorker::start(WorkerConfig::default());
-    let pipeline = track_pipeline(&clip, &worker, "track-slow", "");
     // 60 ms a frame: the 8 frames the acks let the worker run ahead take
     // 480 ms downstream, twice the hold.
-    let appsink = pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap();
-    let received = collect_slowly(&appsink, Duration::from_millis(60));
-    let outcome = run(&pipeline, Duration::from_secs(90));
+    let (received, outcome) = track_job_with(&clip, &worker, "track-slow", "", Duration::from_millis(60));
     assert!(outcome.eos, "{:?}", outcome.error);
     let summary = outcome.named("roboflow-result-summary");
     assert_eq!(summary.len(), 1);
@@ -361,9 +364,7 @@ fn far_away(loss_wait: Option<u32>, session: &str) -> (gst::Structure, Vec<Optio
         ..Default::default()
     });
     let wait = loss_wait.map(|ms| format!("loss-wait={ms}")).unwrap_or_default();
-    let pipeline = track_pipeline(&clip, &worker, session, &wait);
-    let received = collect(&pipeline.by_name("out").unwrap().downcast::<gst_app::AppSink>().unwrap());
-    let outcome = run(&pipeline, Duration::from_secs(90));
+    let (received, outcome) = track_job_with(&clip, &worker, session, &wait, Duration::ZERO);
     assert!(outcome.eos, "{:?}", outcome.error);
     let report = &worker.wait_for_sessions(1, Duration::from_secs(5))[0];
     assert_eq!(report.track_packets_lost, 1, "the worker lost one packet on the wire");
