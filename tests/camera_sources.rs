@@ -302,3 +302,36 @@ fn null_mid_stream_returns_at_once_and_the_server_stops_reading() {
     assert!(report.pull_source_stopped, "the server stopped reading the camera");
     assert!(camera.frames_pushed() < 600, "the camera was not read to its end");
 }
+
+/// Runs the two RTSP tests above in a child process of this test binary
+/// with `env`, and returns its output (stdout and GStreamer's debug log).
+fn rerun_rtsp_tests(env: &[(&str, &str)]) -> String {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--test-threads=1", "--exact"])
+        .args([
+            "rtsp_camera_returns_its_frames_with_results_and_ends_with_the_stream",
+            "rtsp_camera_comes_back_over_a_track_by_default_and_pairs_every_frame_with_its_result",
+        ])
+        .env("GST_DEBUG", "roboflowsession:5")
+        .env("GST_DEBUG_NO_COLOR", "1");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the RTSP tests failed with {env:?}:\n{}", &text[text.len().saturating_sub(4000)..]);
+    assert!(text.contains("2 passed"), "both tests ran with {env:?}:\n{}", &text[text.len().saturating_sub(2000)..]);
+    text
+}
+
+#[test]
+fn camera_sessions_run_on_our_own_loop_and_on_webrtc_rs_s_driver_when_asked() {
+    // Our own loop around the rtc core by default (own_loop.rs)...
+    let own = rerun_rtsp_tests(&[]);
+    assert_eq!(own.matches("connection loop ended").count(), 2, "one own loop per session, each ended");
+    // ...and webrtc-rs's async driver with GST_ROBOFLOW_WEBRTC_DRIVER set.
+    let webrtc = rerun_rtsp_tests(&[("GST_ROBOFLOW_WEBRTC_DRIVER", "1")]);
+    assert!(!webrtc.contains("own_loop.rs"), "no own loop with GST_ROBOFLOW_WEBRTC_DRIVER");
+    assert_eq!(webrtc.matches("peer connection connected").count(), 2, "webrtc-rs's driver connected both sessions");
+}

@@ -41,6 +41,8 @@ use super::early_checks::{EarlyCheckRuntime, EarlyChecks};
 use super::core::{Input, Output, PeerState, ResultEvent, SessionCore, SessionStats, State};
 use super::error::SessionError;
 
+mod own_loop;
+
 pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new("roboflowsession", gst::DebugColorFlags::empty(), Some("Roboflow WebRTC session"))
 });
@@ -154,6 +156,10 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// The session's own thread, where all of the above runs.
     runtime: SessionRuntime,
+    /// Our own connection loop, where it drives the session (own_loop.rs).
+    own_loop: Mutex<Option<Arc<own_loop::LoopHandle>>>,
+    /// The returned track: a keyframe was asked for (own loop).
+    keyframe_asked: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -208,6 +214,8 @@ impl Shared {
             tasks: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             runtime,
+            own_loop: Mutex::new(None),
+            keyframe_asked: AtomicBool::new(false),
         });
         // Not aborted by close(): a webrtc-rs connection dropped without
         // close() leaves its driver task running. The task notices the close
@@ -342,6 +350,7 @@ impl Shared {
                 }
             });
         }
+        self.wake_own_loop();
         self.runtime.stop();
     }
 
@@ -378,6 +387,13 @@ impl Shared {
     fn send_control(&self, text: String) {
         if let Some(control) = self.control_tx.lock().unwrap().as_ref() {
             let _ = control.send(text);
+        }
+        self.wake_own_loop();
+    }
+
+    fn wake_own_loop(&self) {
+        if let Some(own_loop) = self.own_loop.lock().unwrap().as_ref() {
+            own_loop.wake();
         }
     }
 
@@ -434,6 +450,9 @@ impl Shared {
     }
 
     async fn establish(self: Arc<Self>) -> Result<(), SessionError> {
+        if own_loop::covers(&self.config) {
+            return self.establish_own_loop().await;
+        }
         let config = self.config.clone();
         let mut media = MediaEngine::default();
         match config.live {
@@ -448,15 +467,7 @@ impl Shared {
         if config.live.is_some() {
             registry = super::rtcp::with_keyframe_requests(registry);
         }
-        // mDNS candidates would hide our address from the server and can make
-        // building the connection fail on hosts without multicast.
-        let mut settings = SettingEngineBuilder::new()
-            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-            .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), Some(ICE_KEEPALIVE_INTERVAL))
-            .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(ICE_MAX_BINDING_REQUESTS));
-        if let Some(mtu) = config.sctp_mtu {
-            settings = settings.with_sctp_mtu(mtu);
-        }
+        let settings = connection_settings(&config);
         let ice_servers = config
             .ice_servers
             .iter()
@@ -829,6 +840,8 @@ impl Shared {
     /// its encoder sends one only at the start and when asked.
     pub fn request_keyframe(&self) {
         self.keyframe_wanted.notify_one();
+        self.keyframe_asked.store(true, Ordering::Release);
+        self.wake_own_loop();
     }
 
     pub fn keyframe_requests_sent(&self) -> u64 {
@@ -855,6 +868,20 @@ impl Shared {
         if self.track_tx.try_send((self.next_place(), item)).is_err() {
             self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The ICE, mDNS and SCTP settings of every session's peer connection.
+fn connection_settings(config: &SessionConfig) -> SettingEngineBuilder {
+    // mDNS candidates would hide our address from the server and can make
+    // building the connection fail on hosts without multicast.
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .with_ice_timeouts(Some(ICE_DISCONNECTED_AFTER), Some(ICE_FAILED_AFTER), Some(ICE_KEEPALIVE_INTERVAL))
+        .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(ICE_MAX_BINDING_REQUESTS));
+    match config.sctp_mtu {
+        Some(mtu) => settings.with_sctp_mtu(mtu),
+        None => settings,
     }
 }
 
