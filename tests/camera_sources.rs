@@ -335,3 +335,34 @@ fn camera_sessions_run_on_our_own_loop_and_on_webrtc_rs_s_driver_when_asked() {
     assert!(!webrtc.contains("own_loop.rs"), "no own loop with GST_ROBOFLOW_WEBRTC_DRIVER");
     assert_eq!(webrtc.matches("peer connection connected").count(), 2, "webrtc-rs's driver connected both sessions");
 }
+
+#[test]
+fn a_packet_of_the_returned_camera_track_lost_for_good_brings_a_keyframe_request() {
+    init();
+    // Packet 20 and its retransmissions are lost, and the worker's encoder
+    // makes no keyframe of its own within the stream: only a PLI from the
+    // client repairs the picture.
+    let worker = worker(|config| {
+        config.track_lose_packets = vec![20];
+        config.track_lose_retransmissions = true;
+        config.track_keyframe_interval = 1000;
+    });
+    let frames = 60;
+    let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
+    let pipeline = camera_pipeline(&worker, &camera.url(), "");
+    let received = collect(&pipeline);
+    let outcome = run(&pipeline, LIMIT);
+    assert!(outcome.eos, "{:?}", outcome.error);
+    let report = only_session(&worker);
+    let summary = result_summary(&outcome);
+    assert!(report.track_keyframe_requests >= 1, "the worker got a keyframe request: {summary}");
+    assert!(stat(&summary, "keyframe-requests") >= 1, "{summary}");
+    assert!(stat(&summary, "track-packets-lost") >= 1, "{summary}");
+    // Frames after the keyframe came back decoded, with their results.
+    let received = received.lock().unwrap();
+    let last = check_accounted(&outcome, &report).last().copied().unwrap();
+    assert!(
+        received.iter().any(|(_, frame_id, _)| *frame_id == Some(last)),
+        "the last result's frame was shown after the repair: {summary}"
+    );
+}
