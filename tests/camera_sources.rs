@@ -98,19 +98,27 @@ fn check_accounted(outcome: &Outcome, report: &SessionReport) -> Vec<u64> {
     indices
 }
 
+/// An RTSP camera of `frames` frames at 30 fps read by `worker` for
+/// roboflowresultsrc (`extra` properties): the run, which must end in EOS,
+/// the worker's one session and the frames that came out.
+fn rtsp_session(worker: &TestWorker, frames: u32, extra: &str) -> (Outcome, SessionReport, Frames) {
+    let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
+    let pipeline = camera_pipeline(worker, &camera.url(), extra);
+    let received = collect(&pipeline);
+    let outcome = run(&pipeline, LIMIT);
+    assert!(outcome.eos, "EOS at the end of the camera's stream: {:?}", outcome.error);
+    let report = only_session(worker);
+    assert_eq!(report.request["rtsp_url"], camera.url());
+    (outcome, report, received)
+}
+
 #[test]
 fn rtsp_camera_returns_its_frames_with_results_and_ends_with_the_stream() {
     init();
     let worker = worker(|_| {});
     let frames = 90;
-    let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
-    let pipeline = camera_pipeline(&worker, &camera.url(), "video-transport=datachannel");
-    let received = collect(&pipeline);
-    let outcome = run(&pipeline, LIMIT);
-    assert!(outcome.eos, "EOS at the end of the camera's stream: {:?}", outcome.error);
-    let report = only_session(&worker);
+    let (outcome, report, received) = rtsp_session(&worker, frames, "video-transport=datachannel");
 
-    assert_eq!(report.request["rtsp_url"], camera.url());
     assert!(report.request.get("mjpeg_url").is_none());
     assert!(report.request.get("video_file_upload").is_none_or(|v| v == false), "nothing is uploaded");
     assert_eq!(report.request["webrtc_realtime_processing"], true, "realtime by default for a camera");
@@ -133,13 +141,7 @@ fn rtsp_camera_returns_its_frames_with_results_and_ends_with_the_stream() {
 fn rtsp_camera_comes_back_over_a_track_by_default_and_pairs_every_frame_with_its_result() {
     init();
     let worker = worker(|_| {});
-    let frames = 60;
-    let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
-    let pipeline = camera_pipeline(&worker, &camera.url(), "");
-    let received = collect(&pipeline);
-    let outcome = run(&pipeline, LIMIT);
-    assert!(outcome.eos, "{:?}", outcome.error);
-    let report = only_session(&worker);
+    let (outcome, report, received) = rtsp_session(&worker, 60, "");
     assert_eq!(report.request["stream_output"], serde_json::json!(["image"]));
     assert_eq!(report.pull_start.as_deref(), Some("on_connected"), "a recvonly transceiver: processing starts with the connection");
     assert!(report.track_codec.is_some(), "the worker returned a track");
@@ -347,13 +349,7 @@ fn a_packet_of_the_returned_camera_track_lost_for_good_brings_a_keyframe_request
         config.track_lose_retransmissions = true;
         config.track_keyframe_interval = 1000;
     });
-    let frames = 60;
-    let camera = RtspCamera::start(frames, 30, WIDTH, HEIGHT);
-    let pipeline = camera_pipeline(&worker, &camera.url(), "");
-    let received = collect(&pipeline);
-    let outcome = run(&pipeline, LIMIT);
-    assert!(outcome.eos, "{:?}", outcome.error);
-    let report = only_session(&worker);
+    let (outcome, report, received) = rtsp_session(&worker, 60, "");
     let summary = result_summary(&outcome);
     assert!(report.track_keyframe_requests >= 1, "the worker got a keyframe request: {summary}");
     assert!(stat(&summary, "keyframe-requests") >= 1, "{summary}");
