@@ -528,14 +528,7 @@ impl Shared {
             None => None,
         };
         if live_track.is_none() && config.wants_video_track() {
-            peer.add_transceiver_from_kind(
-                RtpCodecKind::Video,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Recvonly,
-                    streams: Vec::new(),
-                    send_encodings: Vec::new(),
-                }),
-            )
+            peer.add_transceiver_from_kind(RtpCodecKind::Video, Some(recvonly()))
             .await
             .map_err(|err| setup("adding the recvonly video transceiver failed", err))?;
         }
@@ -812,12 +805,7 @@ impl Shared {
                     (KeyframeAction::Request, Some(media_ssrc)) => session.send_picture_loss(&track, media_ssrc).await,
                     // Nothing received yet: nothing to ask a keyframe of.
                     (KeyframeAction::Request, None) => keyframes.on_keyframe(),
-                    (KeyframeAction::GiveUp, _) => gst::warning!(
-                        CAT,
-                        "session {}: the server sent no keyframe of the returned track after {MAX_KEYFRAME_REQUESTS} requests; \
-                         its frames stay dropped until one comes",
-                        session.name
-                    ),
+                    (KeyframeAction::GiveUp, _) => session.no_keyframe_came(),
                     (KeyframeAction::Wait, _) => {}
                 }
             }
@@ -828,12 +816,28 @@ impl Shared {
     /// Hands the frame source the returned track's codec (before its first
     /// packet) and returns it.
     async fn announce_track_codec(&self, track: &Arc<dyn TrackRemote>, header: &rtc::rtp::header::Header) -> TrackCodec {
-        let codec = track.codec(header.ssrc).await;
-        let (mime_type, clock_rate) = codec.map(|c| (c.mime_type, c.clock_rate)).unwrap_or_else(|| (String::new(), 90_000));
-        gst::info!(CAT, "session {}: returned track carries {mime_type} (payload type {})", self.name, header.payload_type);
+        let codec = track.codec(header.ssrc).await.map(|c| (c.mime_type, c.clock_rate));
+        self.announce_codec(codec, header.payload_type)
+    }
+
+    /// Hands the frame source the returned track's codec (mime type and
+    /// clock rate, if negotiated) and returns it.
+    fn announce_codec(&self, codec: Option<(String, u32)>, payload_type: u8) -> TrackCodec {
+        let (mime_type, clock_rate) = codec.unwrap_or_else(|| (String::new(), 90_000));
+        gst::info!(CAT, "session {}: returned track carries {mime_type} (payload type {payload_type})", self.name);
         let kind = TrackCodec::from_mime_type(&mime_type);
-        self.deliver_track(TrackItem::Codec { mime_type, clock_rate, payload_type: header.payload_type });
+        self.deliver_track(TrackItem::Codec { mime_type, clock_rate, payload_type });
         kind
+    }
+
+    /// The server sent no keyframe after every request.
+    fn no_keyframe_came(&self) {
+        gst::warning!(
+            CAT,
+            "session {}: the server sent no keyframe of the returned track after {MAX_KEYFRAME_REQUESTS} requests; \
+             its frames stay dropped until one comes",
+            self.name
+        );
     }
 
     /// Asks the server for a keyframe of the returned track (RFC 4585 PLI):
@@ -850,7 +854,12 @@ impl Shared {
 
     async fn send_picture_loss(&self, track: &Arc<dyn TrackRemote>, media_ssrc: u32) {
         let pli = PictureLossIndication { sender_ssrc: 0, media_ssrc };
-        match track.write_rtcp(vec![Box::new(pli)]).await {
+        self.picture_loss_sent(track.write_rtcp(vec![Box::new(pli)]).await);
+    }
+
+    /// Counts a keyframe request (PLI) sent, or says why it was not.
+    fn picture_loss_sent(&self, outcome: Result<(), impl std::fmt::Display>) {
+        match outcome {
             Ok(()) => {
                 let sent = self.keyframe_requests_sent.fetch_add(1, Ordering::Relaxed) + 1;
                 gst::info!(CAT, "session {}: asked the server for a keyframe of the returned track ({sent} so far)", self.name);
@@ -869,6 +878,11 @@ impl Shared {
             self.track_packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The transceiver offered to receive the server's returned video only.
+fn recvonly() -> RTCRtpTransceiverInit {
+    RTCRtpTransceiverInit { direction: RTCRtpTransceiverDirection::Recvonly, streams: Vec::new(), send_encodings: Vec::new() }
 }
 
 /// The ICE, mDNS and SCTP settings of every session's peer connection.

@@ -33,7 +33,7 @@ use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::rtp_transceiver::RTCRtpReceiverId;
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -128,14 +128,7 @@ impl Shared {
             .map_err(rtc_error("creating the inference data channel failed"))?
             .id();
         if config.wants_video_track() {
-            pc.add_transceiver_from_kind(
-                RtpCodecKind::Video,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Recvonly,
-                    streams: Vec::new(),
-                    send_encodings: Vec::new(),
-                }),
-            )
+            pc.add_transceiver_from_kind(RtpCodecKind::Video, Some(recvonly()))
             .map_err(rtc_error("adding the recvonly video transceiver failed"))?;
         }
 
@@ -194,22 +187,18 @@ impl Shared {
             .map_err(|err| setup("starting the connection's thread failed", err))?;
 
         self.set_stage("waiting for the server's SDP answer");
-        let answer = match self.unless_closed(signalling::exchange(&config, offer.sdp, config.connect_timeout)).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => {
-                handle.send(Command::Stop);
-                return Err(camera_not_opened(&config, error));
-            }
-            Err(closed) => {
-                handle.send(Command::Stop);
-                return Err(closed);
-            }
+        let answer = async {
+            let answer = self
+                .unless_closed(signalling::exchange(&config, offer.sdp, config.connect_timeout))
+                .await?
+                .map_err(|error| camera_not_opened(&config, error))?;
+            RTCSessionDescription::answer(answer).map_err(|err| SessionError::AnswerMalformed(err.to_string()))
         };
-        let answer = match RTCSessionDescription::answer(answer) {
+        let answer = match answer.await {
             Ok(answer) => answer,
-            Err(err) => {
+            Err(error) => {
                 handle.send(Command::Stop);
-                return Err(SessionError::AnswerMalformed(err.to_string()));
+                return Err(error);
             }
         };
         let (applied_tx, applied) = oneshot::channel();
@@ -463,22 +452,12 @@ impl OwnPeer {
                     .pc
                     .rtp_receiver(receiver)
                     .map(|mut receiver| receiver.write_rtcp(Instant::now(), vec![Box::new(pli)]));
-                match sent {
-                    Some(Ok(())) => {
-                        let sent = self.session.keyframe_requests_sent.fetch_add(1, Ordering::Relaxed) + 1;
-                        gst::info!(CAT, "session {}: asked the server for a keyframe of the returned track ({sent} so far)", self.session.name);
-                    }
-                    Some(Err(err)) => gst::warning!(CAT, "session {}: the keyframe request (PLI) could not be sent: {err}", self.session.name),
-                    None => {}
+                if let Some(outcome) = sent {
+                    self.session.picture_loss_sent(outcome);
                 }
             }
             (KeyframeAction::Request, _, _) => self.keyframes.on_keyframe(),
-            (KeyframeAction::GiveUp, _, _) => gst::warning!(
-                CAT,
-                "session {}: the server sent no keyframe of the returned track after {MAX_KEYFRAME_REQUESTS} requests; \
-                 its frames stay dropped until one comes",
-                self.session.name
-            ),
+            (KeyframeAction::GiveUp, _, _) => self.session.no_keyframe_came(),
             (KeyframeAction::Wait, _, _) => {}
         }
     }
@@ -590,10 +569,6 @@ impl OwnPeer {
             .receiver
             .and_then(|id| self.pc.rtp_receiver(id))
             .and_then(|receiver| receiver.track().codec(header.ssrc).map(|c| (c.mime_type.clone(), c.clock_rate)));
-        let (mime_type, clock_rate) = codec.unwrap_or_else(|| (String::new(), 90_000));
-        gst::info!(CAT, "session {}: returned track carries {mime_type} (payload type {})", self.session.name, header.payload_type);
-        let kind = TrackCodec::from_mime_type(&mime_type);
-        self.session.deliver_track(TrackItem::Codec { mime_type, clock_rate, payload_type: header.payload_type });
-        kind
+        self.session.announce_codec(codec, header.payload_type)
     }
 }
